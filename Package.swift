@@ -1,0 +1,73 @@
+// swift-tools-version:6.1
+import PackageDescription
+
+let strictSwift6: [SwiftSetting] = [
+    .swiftLanguageMode(.v6)
+]
+
+let package = Package(
+    name: "swift-balancer",
+    platforms: [.macOS(.v15)],
+    products: [
+        .library(name: "BalancerCore", targets: ["BalancerCore"]),
+        .library(name: "BalancerServer", targets: ["BalancerServer"]),
+        .executable(name: "balancer", targets: ["balancer"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-collections.git", from: "1.6.0"),
+        .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.2"),
+        .package(url: "https://github.com/apple/swift-log.git", from: "1.16.2"),
+        .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.8.2"),
+        .package(url: "https://github.com/swift-server/swift-service-lifecycle.git", from: "2.13.0"),
+    ],
+    targets: [
+        // The talk's pieces: Request, Worker, Pool, Balancer. Standard library,
+        // Synchronization and swift-collections only: no NIO, no Foundation.
+        .target(
+            name: "BalancerCore",
+            dependencies: [
+                .product(name: "DequeModule", package: "swift-collections")
+            ],
+            swiftSettings: strictSwift6
+        ),
+        // The service: HTTP on SwiftNIO, routes, job kinds, configuration.
+        .target(
+            name: "BalancerServer",
+            dependencies: [
+                "BalancerCore",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            ],
+            swiftSettings: strictSwift6
+        ),
+        // The executable: a thin command line over the two libraries.
+        .executableTarget(
+            name: "balancer",
+            dependencies: [
+                "BalancerCore",
+                "BalancerServer",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            ],
+            swiftSettings: strictSwift6
+        ),
+        .testTarget(
+            name: "BalancerCoreTests",
+            dependencies: ["BalancerCore"],
+            swiftSettings: strictSwift6
+        ),
+        .testTarget(
+            name: "BalancerServerTests",
+            dependencies: [
+                "BalancerServer",
+                "BalancerCore",
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            swiftSettings: strictSwift6
+        ),
+    ]
+)

@@ -1,0 +1,556 @@
+import DequeModule
+
+/// The talk's `Balancer`: it owns the ``Pool`` and gives each request to the
+/// least-loaded worker that has room.
+///
+/// Requesters call ``submit(_:)`` from any task. ``run()`` is the talk's
+/// `balance` loop: it waits on the `work` and `done` channels together and
+/// handles everything that has arrived with `dispatch` and `completed`, which
+/// never suspend between taking a worker off the heap and putting it back, so
+/// actor reentrancy cannot see a half-updated heap.
+///
+/// Under open load it never blocks: a request that finds every worker at
+/// capacity waits in a bounded FIFO backlog with a deadline, or is refused with
+/// ``BalancerError/overloaded``. Every submitted request ends exactly once.
+///
+/// ```swift
+/// let balancer = Balancer(configuration: .init(workers: 4))
+/// try await withThrowingDiscardingTaskGroup { group in
+///     group.addTask { await balancer.run() }
+///     let answer = try await balancer.submit { 6 * 7 }
+///     balancer.shutdown()
+/// }
+/// ```
+public actor Balancer {
+    public nonisolated let configuration: Configuration
+    private nonisolated let inbox = Inbox()
+
+    /// Per-worker facts the pool does not keep.
+    private struct Slot {
+        let worker: Worker
+        var state: BalancerStats.WorkerState = .active
+        var pendingMax = 0
+        var completed = 0
+        var failed = 0
+    }
+
+    private enum Stage {
+        /// Taking work.
+        case running
+        /// Work is closed; finishing what was admitted.
+        case draining
+        /// Everything is answered and every channel closed; waiting for the worker tasks to end.
+        case closing
+        /// The loop has ended.
+        case stopped
+    }
+
+    private var pool = Pool()
+    private var slots: [Slot?] = []
+    /// Ids of the workers in the heap, ascending: round-robin's order.
+    private var activeIDs: [Int] = []
+    private var roundRobinNext = 0
+    private var random: SplitMix64
+    private var backlog = Deque<AnyRequest>()
+    private let capacity: Int
+
+    private var stage = Stage.running
+    private var started = false
+    private var liveTasks = 0
+    private var expiryTimer: Task<Void, Never>?
+    private var stopTimer: Task<Void, Never>?
+
+    private var pendingTotal = 0
+    /// Requests answered by the balancer (cancelled, shut down) while their
+    /// operation still runs: pending until the worker reports, but no longer in flight.
+    private var answeredWhileRunning = 0
+    private var submitted = 0
+    private var completedCount = 0
+    private var failedCount = 0
+    private var cancelledCount = 0
+    private var overloadedCount = 0
+    private var queueTimeoutCount = 0
+    private var shutDownCount = 0
+
+    /// Creates a balancer with `configuration.workers` workers; they start with ``run()``.
+    ///
+    /// - Precondition: `configuration.problems` is empty.
+    public init(configuration: Configuration = .init()) {
+        precondition(configuration.problems.isEmpty, configuration.problems.joined(separator: "; "))
+        self.configuration = configuration
+        self.capacity = configuration.effectiveCapacity
+        self.random = SplitMix64(seed: configuration.seed)
+        for id in 0..<configuration.workers {
+            slots.append(Slot(worker: Worker(id: id)))
+            pool.insert(id)
+            pool.push(id)
+            activeIDs.append(id)
+        }
+    }
+
+    // MARK: - The requester's side
+
+    /// Runs `operation` on the least-loaded worker and returns its value.
+    ///
+    /// Throws the operation's own error, or a ``BalancerError``: `overloaded`,
+    /// `queueTimeout`, `cancelled` (this task was cancelled; a running operation
+    /// sees the cancellation too) or `shuttingDown`.
+    public nonisolated func submit<Output: Sendable>(
+        _ operation: @escaping @Sendable () async throws -> Output
+    ) async throws -> Output {
+        try await submitWithReceipt(operation).value
+    }
+
+    /// ``submit(_:)``, also telling which worker ran the operation and how
+    /// long it waited and ran.
+    public nonisolated func submitWithReceipt<Output: Sendable>(
+        _ operation: @escaping @Sendable () async throws -> Output
+    ) async throws -> Receipt<Output> {
+        let request = Request(operation)
+        let inbox = self.inbox
+        return try await withTaskCancellationHandler {
+            try await withUnsafeThrowingContinuation { continuation in
+                request.reply = continuation
+                if !inbox.submit(request) {
+                    request.fail(.shuttingDown)
+                }
+            }
+        } onCancel: {
+            inbox.cancel(request)
+        }
+    }
+
+    // MARK: - Lifecycle
+
+    /// The talk's `balance` loop. Starts the workers, then handles requests,
+    /// completions and control events until shutdown has finished. Cancelling
+    /// the calling task stops it as a shutdown whose deadline has passed.
+    ///
+    /// Returns once every admitted request has been answered and, after a
+    /// graceful shutdown, every worker task has ended. After a forced stop a
+    /// worker whose operation ignores cancellation ends when that operation does.
+    public func run() async {
+        precondition(!started, "run() is called once per balancer")
+        started = true
+        for slot in slots {
+            if let slot { startTask(for: slot.worker) }
+        }
+        await withTaskCancellationHandler {
+            await balance()
+        } onCancel: { [inbox] in
+            inbox.closeWork()
+            inbox.control(.forceStop)
+        }
+    }
+
+    /// Begins a graceful shutdown: no new request is admitted (they end with
+    /// ``BalancerError/shuttingDown``); queued and running ones finish; then the
+    /// worker tasks end and ``run()`` returns. If `gracePeriod` passes first,
+    /// whatever remains ends with `shuttingDown` and running operations are cancelled.
+    public nonisolated func shutdown(gracePeriod: Duration? = nil) {
+        inbox.closeWork()
+        inbox.control(.shutdown(deadline: gracePeriod.map { ContinuousClock.now + $0 }))
+    }
+
+    private func balance() async {
+        var batch = Inbox.Events()
+        while stage != .stopped {
+            await inbox.receive(into: &batch)
+            handle(batch)
+            batch.removeAll()
+            if stage == .draining && backlog.isEmpty && pendingTotal == 0 {
+                closeAllChannels()
+                stage = .closing
+            }
+            if stage == .closing && liveTasks == 0 {
+                stage = .stopped
+            }
+        }
+        expiryTimer?.cancel()
+        stopTimer?.cancel()
+    }
+
+    /// One pass of the talk's `select`: completions first (they free room), then
+    /// control, cancellations, the backlog, and new work last (FIFO).
+    private func handle(_ events: Inbox.Events) {
+        for done in events.done { completed(done) }
+        for event in events.control { control(event) }
+        for request in events.cancelled { cancel(request) }
+        drainBacklog()
+        for request in events.work { admit(request) }
+    }
+
+    // MARK: - dispatch and completed
+
+    /// Admits a new request: to a worker with room, else to the backlog, else refused.
+    private func admit(_ request: AnyRequest) {
+        submitted += 1
+        if request.cancelRequested {
+            finish(request, with: .cancelled)
+        } else if stage == .stopped || stage == .closing {
+            finish(request, with: .shuttingDown)
+        } else if backlog.isEmpty, let position = choose() {
+            dispatch(request, toWorkerAt: position)
+        } else if backlog.count < configuration.backlog {
+            request.phase = .backlog
+            request.deadline = ContinuousClock.now + configuration.queueTimeout
+            backlog.append(request)
+            armExpiryTimer()
+        } else {
+            finish(request, with: .overloaded)
+        }
+    }
+
+    /// The talk's `dispatch`: take the chosen worker off the heap, send it the
+    /// request, count it pending, put it back. No suspension point inside.
+    private func dispatch(_ request: AnyRequest, toWorkerAt position: Int) {
+        let id = pool.remove(at: position)
+        let worker = slots[id].unsafelyUnwrapped.worker
+        request.phase = .dispatched(worker)
+        worker.send(request)
+        pool.addPending(1, to: id)
+        pool.push(id)
+        pendingTotal += 1
+        let pending = pool.pending(of: id)
+        if pending > slots[id].unsafelyUnwrapped.pendingMax {
+            slots[id]!.pendingMax = pending
+        }
+    }
+
+    /// The talk's `completed`: the worker reported on `done`; count it one less
+    /// pending and put it back in its place.
+    private func completed(_ done: Inbox.Done) {
+        let id = done.worker.id
+        switch done.outcome {
+        case .value:
+            slots[id]?.completed += 1
+            completedCount += 1
+        case .error:
+            slots[id]?.failed += 1
+            failedCount += 1
+        case .dropped:
+            answeredWhileRunning -= 1
+        }
+        releasePending(of: id)
+    }
+
+    /// `pending -= 1` for worker `id`, keeping heap order; a draining or removed
+    /// worker whose pending reaches zero leaves the pool.
+    private func releasePending(of id: Int) {
+        if let position = pool[id]?.index {
+            pool.remove(at: position)
+            pool.addPending(-1, to: id)
+            pool.push(id)
+        } else {
+            pool.addPending(-1, to: id)
+            if pool.pending(of: id) == 0, let slot = slots[id], slot.state != .active {
+                leave(id)
+            }
+        }
+        pendingTotal -= 1
+    }
+
+    /// The heap position of a worker with room chosen by the strategy, or nil if
+    /// every worker is at capacity.
+    private func choose() -> Int? {
+        switch configuration.strategy {
+        case .leastLoaded, .sharedQueue:
+            guard let id = pool.min, pool.pending(of: id) < capacity else { return nil }
+            return 0
+        case .roundRobin:
+            let n = activeIDs.count
+            for step in 0..<n {
+                let id = activeIDs[(roundRobinNext + step) % n]
+                if pool.pending(of: id) < capacity {
+                    roundRobinNext = (roundRobinNext + step + 1) % n
+                    return pool[id]!.index
+                }
+            }
+            return nil
+        case .powerOfTwoChoices:
+            let n = pool.count
+            guard n > 1 else {
+                return n == 1 && pool.pending(of: pool.id(at: 0)) < capacity ? 0 : nil
+            }
+            let a = Int.random(in: 0..<n, using: &random)
+            let b = (a + Int.random(in: 1..<n, using: &random)) % n
+            let (pa, pb) = (pool.pending(of: pool.id(at: a)), pool.pending(of: pool.id(at: b)))
+            let better = pa < pb || (pa == pb && pool.id(at: a) < pool.id(at: b)) ? a : b
+            if pool.pending(of: pool.id(at: better)) < capacity { return better }
+            // Both sampled workers are full; the least loaded may still have room.
+            return pool.pending(of: pool.id(at: 0)) < capacity ? 0 : nil
+        }
+    }
+
+    /// Moves backlog requests, oldest first, to workers with room.
+    private func drainBacklog() {
+        while !backlog.isEmpty, let position = choose() {
+            dispatch(backlog.removeFirst(), toWorkerAt: position)
+        }
+    }
+
+    /// Ends a request that never reached a worker (or was taken back from one).
+    private func finish(_ request: AnyRequest, with error: BalancerError) {
+        request.phase = .finished
+        guard request.fail(error) else { return }
+        count(error)
+    }
+
+    private func count(_ error: BalancerError) {
+        switch error {
+        case .overloaded: overloadedCount += 1
+        case .queueTimeout: queueTimeoutCount += 1
+        case .cancelled: cancelledCount += 1
+        case .shuttingDown: shutDownCount += 1
+        }
+    }
+
+    // MARK: - Cancellation, timeouts, control
+
+    /// The requester was cancelled: take the request out wherever it is, or
+    /// cancel its running operation and answer the requester now.
+    private func cancel(_ request: AnyRequest) {
+        switch request.phase {
+        case .new:
+            request.cancelRequested = true
+        case .backlog:
+            if let i = backlog.firstIndex(where: { $0 === request }) {
+                backlog.remove(at: i)
+            }
+            finish(request, with: .cancelled)
+        case .dispatched(let worker):
+            switch worker.withdraw(request) {
+            case .withdrawn:
+                finish(request, with: .cancelled)
+                releasePending(of: worker.id)
+            case .running:
+                answerRunning(request, with: .cancelled)
+            case .gone:
+                break
+            }
+        case .finished:
+            break
+        }
+    }
+
+    /// Answers a request whose operation is still running; its worker reports
+    /// `.dropped` on `done` later.
+    private func answerRunning(_ request: AnyRequest, with error: BalancerError) {
+        guard request.fail(error) else { return }
+        count(error)
+        answeredWhileRunning += 1
+    }
+
+    private func control(_ event: Inbox.Control) {
+        switch event {
+        case .expire:
+            expiryTimer = nil
+            let now = ContinuousClock.now
+            while let head = backlog.first, head.deadline <= now {
+                backlog.removeFirst()
+                finish(head, with: .queueTimeout)
+            }
+            armExpiryTimer()
+        case .shutdown(let deadline):
+            guard stage == .running else { return }
+            stage = .draining
+            if let deadline {
+                let inbox = self.inbox
+                stopTimer = Task.detached {
+                    try? await Task.sleep(until: deadline, clock: .continuous)
+                    if !Task.isCancelled { inbox.control(.forceStop) }
+                }
+            }
+        case .forceStop:
+            forceStop()
+        case .retired(let worker):
+            liveTasks -= 1
+            if stage != .stopped, slots.indices.contains(worker.id), slots[worker.id]?.worker === worker {
+                startTask(for: worker)
+            }
+        case .exited:
+            liveTasks -= 1
+        }
+    }
+
+    /// The shutdown deadline passed (or `run()` was cancelled): answer every
+    /// open request with `shuttingDown`, cancel running operations, stop.
+    private func forceStop() {
+        guard stage != .stopped else { return }
+        inbox.closeWork()
+        while let request = backlog.popFirst() {
+            finish(request, with: .shuttingDown)
+        }
+        for case let slot? in slots {
+            let queued = slot.worker.withdrawAll()
+            for request in queued {
+                finish(request, with: .shuttingDown)
+            }
+            pool.update(slot.worker.id, pending: pool.pending(of: slot.worker.id) - queued.count)
+            pendingTotal -= queued.count
+            if let running = slot.worker.cancelRunning() {
+                answerRunning(running, with: .shuttingDown)
+            }
+        }
+        closeAllChannels()
+        stage = .stopped
+    }
+
+    private func armExpiryTimer() {
+        guard expiryTimer == nil, let deadline = backlog.first?.deadline else { return }
+        let inbox = self.inbox
+        expiryTimer = Task.detached {
+            try? await Task.sleep(until: deadline, clock: .continuous)
+            if !Task.isCancelled { inbox.control(.expire) }
+        }
+    }
+
+    // MARK: - Workers at runtime
+
+    private func addSlot() -> Worker {
+        let id = slots.count
+        let worker = Worker(id: id)
+        slots.append(Slot(worker: worker))
+        pool.insert(id)
+        pool.push(id)
+        activeIDs.append(id)
+        return worker
+    }
+
+    private func startTask(for worker: Worker) {
+        liveTasks += 1
+        let inbox = self.inbox
+        Task.detached {
+            await worker.run(reportingTo: inbox)
+        }
+    }
+
+    /// Adds a worker and returns its id; it takes work at once, backlog first.
+    @discardableResult
+    public func addWorker() -> Int {
+        let worker = addSlot()
+        if started && stage != .stopped { startTask(for: worker) }
+        drainBacklog()
+        return worker.id
+    }
+
+    /// Drains worker `id`: it gets no new requests, finishes those it holds,
+    /// then leaves the pool. Returns false if there is no active worker `id`.
+    @discardableResult
+    public func drainWorker(_ id: Int) -> Bool {
+        guard takeOutOfRotation(id, becoming: .draining) else { return false }
+        if pool.pending(of: id) == 0 { leave(id) }
+        return true
+    }
+
+    /// Removes worker `id` now: its queued requests go back to the front of the
+    /// backlog (they may push it past its limit; none is lost) and on to other
+    /// workers; its running request finishes, then it leaves the pool.
+    /// Returns false if there is no such worker, or it is already being removed.
+    @discardableResult
+    public func removeWorker(_ id: Int) -> Bool {
+        guard let slot = slots.indices.contains(id) ? slots[id] : nil, slot.state != .removing else { return false }
+        if slot.state == .active {
+            _ = takeOutOfRotation(id, becoming: .removing)
+        } else {
+            slots[id]!.state = .removing
+        }
+        let queued = slot.worker.withdrawAll()
+        if !queued.isEmpty {
+            pool.addPending(-queued.count, to: id)
+            pendingTotal -= queued.count
+            let deadline = ContinuousClock.now + configuration.queueTimeout
+            for request in queued.reversed() {
+                request.phase = .backlog
+                request.deadline = deadline
+                backlog.prepend(request)
+            }
+        }
+        if pool.pending(of: id) == 0 { leave(id) }
+        drainBacklog()
+        armExpiryTimer()
+        return true
+    }
+
+    /// Takes an active worker out of the heap and round-robin's order.
+    private func takeOutOfRotation(_ id: Int, becoming state: BalancerStats.WorkerState) -> Bool {
+        guard slots.indices.contains(id), slots[id]?.state == .active, let position = pool[id]?.index else {
+            return false
+        }
+        pool.remove(at: position)
+        activeIDs.removeAll { $0 == id }
+        if roundRobinNext >= activeIDs.count { roundRobinNext = 0 }
+        slots[id]!.state = state
+        return true
+    }
+
+    /// A worker out of rotation with nothing pending leaves the pool; its task ends.
+    private func leave(_ id: Int) {
+        guard let slot = slots[id] else { return }
+        slots[id] = nil
+        pool.delete(id)
+        slot.worker.close()
+    }
+
+    private func closeAllChannels() {
+        for case let slot? in slots {
+            slot.worker.close()
+        }
+    }
+
+    // MARK: - Stats
+
+    /// A snapshot of every worker and the pool.
+    public func stats() -> BalancerStats {
+        let refused = inbox.refusedWhileClosed.load(ordering: .relaxed)
+        let workers = slots.compactMap { slot -> BalancerStats.Worker? in
+            guard let slot else { return nil }
+            return BalancerStats.Worker(
+                id: slot.worker.id,
+                state: slot.state,
+                pending: pool.pending(of: slot.worker.id),
+                pendingMax: slot.pendingMax,
+                completed: slot.completed,
+                failed: slot.failed
+            )
+        }
+        return BalancerStats(
+            strategy: configuration.strategy,
+            capacity: capacity,
+            workers: workers,
+            backlogDepth: backlog.count,
+            backlogLimit: configuration.backlog,
+            queueTimeout: configuration.queueTimeout,
+            submitted: submitted + refused,
+            completed: completedCount,
+            failed: failedCount,
+            cancelled: cancelledCount,
+            overloaded: overloadedCount,
+            queueTimeouts: queueTimeoutCount,
+            shutDown: shutDownCount + refused,
+            inFlight: backlog.count + pendingTotal - answeredWhileRunning,
+            shuttingDown: stage != .running
+        )
+    }
+
+    /// Whether the pool's heap is in order with every index right. For tests.
+    public func poolIsValid() -> Bool {
+        pool.isValid
+    }
+}
+
+/// A small, fast, seedable generator (SplitMix64) for power-of-two choices:
+/// the system generator costs a system call per number.
+struct SplitMix64: RandomNumberGenerator, Sendable {
+    private var state: UInt64
+
+    init(seed: UInt64) { state = seed }
+
+    mutating func next() -> UInt64 {
+        state &+= 0x9E37_79B9_7F4A_7C15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        return z ^ (z >> 31)
+    }
+}

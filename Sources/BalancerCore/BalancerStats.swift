@@ -1,0 +1,79 @@
+/// A snapshot of a ``Balancer``: every figure the talk's program printed, and
+/// the counts an operator needs. `/stats`, `/metrics` and `balancer stats` all
+/// render this one value.
+///
+/// Totals count how each request ended, as its requester saw it:
+/// `submitted == completed + failed + cancelled + overloaded + queueTimeouts +
+/// shutDown + inFlight` at any snapshot.
+public struct BalancerStats: Sendable, Equatable {
+    /// A worker's state.
+    public enum WorkerState: String, Sendable {
+        /// In the heap: takes new requests.
+        case active
+        /// Takes no new requests; leaves the pool when its pending reaches zero.
+        case draining
+        /// Removed: its queued requests went back to the balancer; it leaves the
+        /// pool when its running request ends.
+        case removing
+    }
+
+    /// One worker's figures.
+    public struct Worker: Sendable, Equatable {
+        public var id: Int
+        public var state: WorkerState
+        /// Requests queued on this worker or running on it.
+        public var pending: Int
+        /// The highest `pending` this worker has had.
+        public var pendingMax: Int
+        /// Requests whose operation returned a value on this worker.
+        public var completed: Int
+        /// Requests whose operation threw on this worker.
+        public var failed: Int
+    }
+
+    public var strategy: Strategy
+    /// C, as used by the strategy.
+    public var capacity: Int
+    public var workers: [Worker]
+    /// Requests waiting in the backlog now.
+    public var backlogDepth: Int
+    /// Q.
+    public var backlogLimit: Int
+    /// T.
+    public var queueTimeout: Duration
+
+    /// Every request that reached the balancer, refused ones included.
+    public var submitted: Int
+    /// Ended with the operation's value.
+    public var completed: Int
+    /// Ended with the operation's error.
+    public var failed: Int
+    /// Ended with ``BalancerError/cancelled``.
+    public var cancelled: Int
+    /// Ended with ``BalancerError/overloaded``.
+    public var overloaded: Int
+    /// Ended with ``BalancerError/queueTimeout``.
+    public var queueTimeouts: Int
+    /// Ended with ``BalancerError/shuttingDown``.
+    public var shutDown: Int
+    /// Admitted and not yet answered: in the backlog or pending on a worker.
+    public var inFlight: Int
+
+    /// Whether the balancer has begun shutting down.
+    public var shuttingDown: Bool
+
+    /// Mean of `pending` across the workers.
+    public var pendingMean: Double {
+        workers.isEmpty ? 0 : Double(workers.reduce(0) { $0 + $1.pending }) / Double(workers.count)
+    }
+
+    /// Population variance of `pending` across the workers, as the talk printed.
+    public var pendingVariance: Double {
+        guard !workers.isEmpty else { return 0 }
+        let mean = pendingMean
+        return workers.reduce(0.0) { sum, worker in
+            let d = Double(worker.pending) - mean
+            return sum + d * d
+        } / Double(workers.count)
+    }
+}

@@ -1,0 +1,180 @@
+/// The talk's `Pool`: every worker's `pending` count, and an indexed binary
+/// min-heap of the workers that may take new work.
+///
+/// Workers are named by their small integer id. Each has a record holding its
+/// `pending` (requests queued on it or running) and its `index`: its position in
+/// `heap`, or `nil` while it is out of the heap (taken off by `dispatch`,
+/// draining, removed). The heap is ordered by `(pending, id)`, so ties always go
+/// to the lowest id.
+///
+/// Every operation keeps each record's `index` right; without that upkeep
+/// `completed` would fix up the wrong worker and the heap would silently rot.
+/// swift-collections' `Heap` has no remove or fix at an index, hence this type.
+///
+/// The pool is a value owned by one `Balancer` actor; it does no locking.
+public struct Pool: Sendable {
+    /// One worker's entry.
+    public struct Record: Sendable, Equatable {
+        /// Requests queued on this worker or running on it.
+        public var pending: Int
+        /// Position in the heap, `nil` while the worker is out of it.
+        public internal(set) var index: Int?
+    }
+
+    /// Records by worker id; `nil` for ids not (or no longer) in the pool.
+    private var records: [Record?] = []
+    /// Worker ids in heap order.
+    private var heap: [Int] = []
+
+    public init() {}
+
+    /// The number of workers in the heap.
+    public var count: Int { heap.count }
+    /// Whether no worker is in the heap.
+    public var isEmpty: Bool { heap.isEmpty }
+    /// The id at the top of the heap: a worker with the least `pending`.
+    public var min: Int? { heap.first }
+    /// Worker ids in heap order (position 0 is the minimum).
+    public var heapOrder: [Int] { heap }
+    /// The id of the worker at heap position `i`.
+    public func id(at i: Int) -> Int { heap[i] }
+
+    /// The record of worker `id`, if it is in the pool.
+    public subscript(id: Int) -> Record? {
+        id >= 0 && id < records.count ? records[id] : nil
+    }
+
+    /// `pending` of worker `id`; the worker must be in the pool.
+    public func pending(of id: Int) -> Int {
+        records[id]!.pending
+    }
+
+    /// Every id known to the pool, in or out of the heap, in ascending order.
+    public var ids: [Int] {
+        records.indices.filter { records[$0] != nil }
+    }
+
+    /// Registers worker `id` with `pending` 0, outside the heap.
+    public mutating func insert(_ id: Int) {
+        precondition(id >= 0, "worker ids are non-negative")
+        if id >= records.count {
+            records.append(contentsOf: repeatElement(nil, count: id - records.count + 1))
+        }
+        precondition(records[id] == nil, "worker \(id) is already in the pool")
+        records[id] = Record(pending: 0, index: nil)
+    }
+
+    /// Forgets worker `id`; it must be out of the heap.
+    public mutating func delete(_ id: Int) {
+        precondition(records[id]?.index == nil, "delete a worker only after taking it out of the heap")
+        records[id] = nil
+    }
+
+    /// Changes `pending` of worker `id` by `delta`, which the caller does while
+    /// the worker is out of the heap (or calls `fix` after).
+    ///
+    /// - Precondition: `pending` never goes below zero.
+    public mutating func addPending(_ delta: Int, to id: Int) {
+        let new = records[id]!.pending + delta
+        precondition(new >= 0, "pending of worker \(id) would fall below zero")
+        records[id]!.pending = new
+    }
+
+    /// Puts worker `id` into the heap (Go's `heap.Push`); sets its index.
+    public mutating func push(_ id: Int) {
+        precondition(records[id] != nil && records[id]!.index == nil, "push a pool worker that is out of the heap")
+        heap.append(id)
+        records[id]!.index = heap.count - 1
+        siftUp(heap.count - 1)
+    }
+
+    /// Takes the least-loaded worker off the heap (Go's `heap.Pop`); clears its index.
+    public mutating func pop() -> Int? {
+        heap.isEmpty ? nil : remove(at: 0)
+    }
+
+    /// Takes the worker at heap position `i` off the heap; clears its index.
+    @discardableResult
+    public mutating func remove(at i: Int) -> Int {
+        let last = heap.count - 1
+        if i != last {
+            swapAt(i, last)
+        }
+        let id = heap.removeLast()
+        records[id]!.index = nil
+        if i != last {
+            // The element moved into `i` may belong above or below it.
+            if !siftDown(i) { siftUp(i) }
+        }
+        return id
+    }
+
+    /// Restores heap order after the `pending` of the worker at position `i`
+    /// changed (Go's `heap.Fix`): the talk's remove-then-push in one step.
+    public mutating func fix(at i: Int) {
+        if !siftDown(i) { siftUp(i) }
+    }
+
+    /// Sets `pending` of worker `id` and restores heap order if it is in the heap.
+    public mutating func update(_ id: Int, pending: Int) {
+        precondition(pending >= 0, "pending never goes below zero")
+        records[id]!.pending = pending
+        if let i = records[id]!.index { fix(at: i) }
+    }
+
+    /// Whether heap order holds and every record's index names its own position.
+    /// For tests and debug assertions; O(n).
+    public var isValid: Bool {
+        for (position, id) in heap.enumerated() {
+            guard let record = self[id], record.index == position else { return false }
+            if position > 0 && less(position, (position - 1) / 2) { return false }
+        }
+        let inHeap = records.reduce(0) { $0 + ($1?.index == nil ? 0 : 1) }
+        return inHeap == heap.count
+    }
+
+    // MARK: heap mechanics
+
+    @inline(__always)
+    private func less(_ a: Int, _ b: Int) -> Bool {
+        let x = heap[a]
+        let y = heap[b]
+        let px = records[x].unsafelyUnwrapped.pending
+        let py = records[y].unsafelyUnwrapped.pending
+        return px < py || (px == py && x < y)
+    }
+
+    @inline(__always)
+    private mutating func swapAt(_ a: Int, _ b: Int) {
+        heap.swapAt(a, b)
+        records[heap[a]]!.index = a
+        records[heap[b]]!.index = b
+    }
+
+    private mutating func siftUp(_ start: Int) {
+        var child = start
+        while child > 0 {
+            let parent = (child - 1) / 2
+            guard less(child, parent) else { return }
+            swapAt(child, parent)
+            child = parent
+        }
+    }
+
+    /// Returns whether the element moved.
+    @discardableResult
+    private mutating func siftDown(_ start: Int) -> Bool {
+        var parent = start
+        let n = heap.count
+        while true {
+            let left = 2 * parent + 1
+            guard left < n else { break }
+            let right = left + 1
+            let smaller = right < n && less(right, left) ? right : left
+            guard less(smaller, parent) else { break }
+            swapAt(parent, smaller)
+            parent = smaller
+        }
+        return parent != start
+    }
+}

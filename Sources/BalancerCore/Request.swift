@@ -1,0 +1,120 @@
+import Synchronization
+
+/// What a requester gets back with its value: which worker ran the request and
+/// how long it waited and ran.
+public struct Receipt<Output: Sendable>: Sendable {
+    /// The operation's value.
+    public var value: Output
+    /// The id of the worker that ran it.
+    public var worker: Int
+    /// From `submit` until a worker started it (backlog plus the worker's own queue).
+    public var queued: Duration
+    /// How long the operation ran.
+    public var ran: Duration
+}
+
+/// How a request's run ended, as the worker reports it on `done`.
+enum Outcome: UInt8, Sendable {
+    /// The operation returned and its value reached the requester.
+    case value
+    /// The operation threw and its error reached the requester.
+    case error
+    /// The requester had already been answered (cancelled, shut down): the
+    /// result was dropped.
+    case dropped
+}
+
+/// The balancer's view of a request: everything but the operation's type.
+///
+/// Ownership of the mutable fields (this is why the class is `@unchecked Sendable`):
+/// - `phase` and `cancelRequested` belong to the ``Balancer`` actor;
+/// - `deadline` is written by the actor while the request is in the backlog;
+/// - the one-shot reply is claimed through `answered`, an atomic flag, so the
+///   first of worker, canceller, timeout and shutdown wins and the others are no-ops.
+class AnyRequest: @unchecked Sendable {
+    /// Where the request is, as far as the balancer knows.
+    enum Phase {
+        /// Submitted, not yet seen by the balance loop.
+        case new
+        /// In the balancer's backlog, waiting for a worker with room.
+        case backlog
+        /// Sent to this worker: in its channel or running on it.
+        case dispatched(Worker)
+        /// Answered by the balancer itself (refused, timed out, cancelled).
+        case finished
+    }
+
+    final let submittedAt: ContinuousClock.Instant
+    final var phase: Phase = .new
+    final var cancelRequested = false
+    final var deadline: ContinuousClock.Instant
+    private final let answered = Atomic<Bool>(false)
+
+    init() {
+        let now = ContinuousClock.now
+        submittedAt = now
+        deadline = now
+    }
+
+    /// Claims the one-shot reply; true exactly once.
+    final func claim() -> Bool {
+        !answered.exchange(true, ordering: .acquiringAndReleasing)
+    }
+
+    /// Runs the operation on worker `worker` and answers the requester, unless
+    /// someone answered first. Called by the worker task, one request at a time.
+    func run(on worker: Int) async -> Outcome {
+        fatalError("subclass responsibility")
+    }
+
+    /// Ends the request with `error` unless it was already answered.
+    /// Returns whether this call answered it.
+    @discardableResult
+    func fail(_ error: BalancerError) -> Bool {
+        fatalError("subclass responsibility")
+    }
+}
+
+/// The talk's `Request`: the operation and its own reply channel.
+///
+/// The reply is a continuation resumed at most once, guarded by `claim()`. It
+/// tolerates a requester who has gone away: once the requester is cancelled it
+/// has already been answered, and the worker's later result is dropped rather
+/// than blocking or leaking.
+final class Request<Output: Sendable>: AnyRequest, @unchecked Sendable {
+    let operation: @Sendable () async throws -> Output
+    /// Set once by `submit` before the request is published to the balancer.
+    var reply: UnsafeContinuation<Receipt<Output>, any Error>?
+
+    init(_ operation: @escaping @Sendable () async throws -> Output) {
+        self.operation = operation
+        super.init()
+    }
+
+    override func run(on worker: Int) async -> Outcome {
+        let started = ContinuousClock.now
+        do {
+            let value = try await operation()
+            guard claim() else { return .dropped }
+            let receipt = Receipt(
+                value: value,
+                worker: worker,
+                queued: started - submittedAt,
+                ran: ContinuousClock.now - started
+            )
+            reply.unsafelyUnwrapped.resume(returning: receipt)
+            return .value
+        } catch {
+            guard claim() else { return .dropped }
+            reply.unsafelyUnwrapped.resume(throwing: error)
+            return .error
+        }
+    }
+
+    @discardableResult
+    override func fail(_ error: BalancerError) -> Bool {
+        guard claim() else { return false }
+        reply.unsafelyUnwrapped.resume(throwing: error)
+        return true
+    }
+}
