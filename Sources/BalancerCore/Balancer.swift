@@ -57,6 +57,9 @@ public actor Balancer {
     private var stage = Stage.running
     private var started = false
     private var liveTasks = 0
+    /// The priority of the task that called `run()`, given to the worker tasks
+    /// and timers, so the balance loop and its workers are scheduled alike.
+    private var priority: TaskPriority?
     private var expiryTimer: Task<Void, Never>?
     private var stopTimer: Task<Void, Never>?
 
@@ -132,6 +135,7 @@ public actor Balancer {
     public func run() async {
         precondition(!started, "run() is called once per balancer")
         started = true
+        priority = Task.currentPriority
         for slot in slots {
             if let slot { startTask(for: slot.worker) }
         }
@@ -356,7 +360,7 @@ public actor Balancer {
             stage = .draining
             if let deadline {
                 let inbox = self.inbox
-                stopTimer = Task.detached {
+                stopTimer = Task.detached(priority: priority) {
                     try? await Task.sleep(until: deadline, clock: .continuous)
                     if !Task.isCancelled { inbox.control(.forceStop) }
                 }
@@ -399,7 +403,7 @@ public actor Balancer {
     private func armExpiryTimer() {
         guard expiryTimer == nil, let deadline = backlog.first?.deadline else { return }
         let inbox = self.inbox
-        expiryTimer = Task.detached {
+        expiryTimer = Task.detached(priority: priority) {
             try? await Task.sleep(until: deadline, clock: .continuous)
             if !Task.isCancelled { inbox.control(.expire) }
         }
@@ -420,7 +424,7 @@ public actor Balancer {
     private func startTask(for worker: Worker) {
         liveTasks += 1
         let inbox = self.inbox
-        Task.detached {
+        Task.detached(priority: priority) {
             await worker.run(reportingTo: inbox)
         }
     }

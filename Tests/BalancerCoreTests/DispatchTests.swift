@@ -1,0 +1,227 @@
+import Synchronization
+import Testing
+
+@testable import BalancerCore
+
+/// Operations that hold their worker until the test releases them, one by one.
+final class HeldOperations: Sendable {
+    private let running = Mutex<[Gate]>([])
+
+    /// An operation that registers its gate when it starts and ends when the test opens it.
+    func operation() -> @Sendable () async throws -> Int {
+        { [self] in
+            let gate = Gate()
+            running.withLock { $0.append(gate) }
+            await gate.wait()
+            return 1
+        }
+    }
+
+    var runningCount: Int { running.withLock { $0.count } }
+
+    /// Releases one running operation chosen by `pick`.
+    func releaseOne(_ pick: (Int) -> Int) -> Bool {
+        let gate: Gate? = running.withLock { gates in
+            guard !gates.isEmpty else { return nil }
+            return gates.remove(at: pick(gates.count))
+        }
+        gate?.open()
+        return gate != nil
+    }
+
+    func releaseAll() {
+        while releaseOne({ _ in 0 }) {}
+    }
+}
+
+@Suite("dispatch and completed")
+struct DispatchTests {
+    @Test("dispatch always picks a worker with the least pending; completed decrements exactly once")
+    func dispatchPicksTheLeastLoaded() async throws {
+        let balancer = Balancer(configuration: .init(workers: 5, capacity: 6, backlog: 0))
+        let held = HeldOperations()
+        try await withRunning(balancer) { balancer in
+            try await withThrowingTaskGroup(of: Void.self) { requesters in
+                var rng = SplitMix64(seed: 42)
+                var before = await balancer.stats()
+                var inFlight = 0
+                for step in 0..<300 {
+                    let full = inFlight == 5 * 6
+                    if !full && (inFlight == 0 || Int.random(in: 0..<3, using: &rng) > 0) {
+                        requesters.addTask { _ = try await balancer.submit(held.operation()) }
+                        inFlight += 1
+                        let after = await eventually(balancer) { $0.inFlight == inFlight }
+                        let changed = zip(before.workers, after.workers).filter { $0.pending != $1.pending }
+                        #expect(changed.count == 1, "step \(step): one worker takes the request")
+                        if let (old, new) = changed.first {
+                            #expect(new.pending == old.pending + 1)
+                            let least = before.workers.map(\.pending).min()!
+                            #expect(old.pending == least, "step \(step): dispatch chose pending \(old.pending), least was \(least)")
+                            let lowestTied = before.workers.first { $0.pending == least }!.id
+                            #expect(old.id == lowestTied, "ties go to the lowest id")
+                        }
+                        before = after
+                    } else {
+                        // Wait until every dispatched request has started or is queued, then finish one.
+                        let released = held.releaseOne { Int.random(in: 0..<$0, using: &rng) }
+                        if !released {
+                            // Nothing running yet: the started ones are still on their way.
+                            try await Task.sleep(for: .milliseconds(1))
+                            continue
+                        }
+                        inFlight -= 1
+                        let after = await eventually(balancer) { $0.inFlight == inFlight && $0.completed == before.completed + 1 }
+                        let changed = zip(before.workers, after.workers).filter { $0.pending != $1.pending }
+                        #expect(changed.count == 1, "step \(step): completed touches one worker")
+                        if let (old, new) = changed.first {
+                            #expect(new.pending == old.pending - 1)
+                            #expect(new.completed == old.completed + 1)
+                        }
+                        before = after
+                    }
+                    #expect(before.workers.allSatisfy { $0.pending >= 0 })
+                    #expect(await balancer.poolIsValid())
+                    checkAccounting(before)
+                }
+                while inFlight > 0 {
+                    if held.releaseOne({ _ in 0 }) { inFlight -= 1 } else { try await Task.sleep(for: .milliseconds(1)) }
+                }
+                try await requesters.waitForAll()
+            }
+            let end = await eventually(balancer) { $0.inFlight == 0 }
+            #expect(end.workers.allSatisfy { $0.pending == 0 })
+            #expect(end.completed == end.submitted)
+        }
+    }
+
+    @Test("round-robin gives each worker one request in turn")
+    func roundRobinTakesTurns() async throws {
+        let balancer = Balancer(configuration: .init(workers: 3, capacity: 4, strategy: .roundRobin))
+        let held = HeldOperations()
+        try await withRunning(balancer) { balancer in
+            try await withThrowingTaskGroup(of: Int.self) { group in
+                var order: [Int] = []
+                var before = await balancer.stats()
+                for i in 1...6 {
+                    group.addTask { try await balancer.submitWithReceipt(held.operation()).worker }
+                    let after = await eventually(balancer) { $0.inFlight == i }
+                    let changed = zip(before.workers, after.workers).filter { $0.pending != $1.pending }
+                    #expect(changed.count == 1)
+                    order.append(changed.first?.0.id ?? -1)
+                    before = after
+                }
+                #expect(order == [0, 1, 2, 0, 1, 2])
+                held.releaseAll()
+                while await balancer.stats().inFlight > 0 {
+                    held.releaseAll()
+                    try await Task.sleep(for: .milliseconds(1))
+                }
+                var workers: [Int] = []
+                for try await worker in group { workers.append(worker) }
+                #expect(workers.sorted() == [0, 0, 1, 1, 2, 2])
+            }
+        }
+    }
+
+    @Test("shared-queue holds one request per worker and the rest in the backlog, in order")
+    func sharedQueueIsOnePerWorker() async throws {
+        let balancer = Balancer(configuration: .init(workers: 2, capacity: 8, backlog: 10, strategy: .sharedQueue))
+        let held = HeldOperations()
+        let recorder = Recorder()
+        try await withRunning(balancer) { balancer in
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                for i in 0..<5 {
+                    group.addTask {
+                        let operation = held.operation()
+                        _ = try await balancer.submit {
+                            recorder.record("start \(i)")
+                            return try await operation()
+                        }
+                    }
+                    await eventually(balancer) { $0.inFlight == i + 1 }
+                }
+                let stats = await balancer.stats()
+                #expect(stats.capacity == 1)
+                #expect(stats.workers.map(\.pending) == [1, 1])
+                #expect(stats.backlogDepth == 3)
+                while (await balancer.stats()).inFlight > 0 {
+                    _ = held.releaseOne { _ in 0 }
+                    try await Task.sleep(for: .milliseconds(1))
+                }
+                try await group.waitForAll()
+                #expect(recorder.all.suffix(3) == ["start 2", "start 3", "start 4"], "the backlog is FIFO")
+            }
+        }
+    }
+
+    @Test("every strategy answers every request and keeps counts exact", arguments: Strategy.allCases)
+    func everyStrategyAnswersEveryRequest(strategy: Strategy) async throws {
+        let balancer = Balancer(configuration: .init(workers: 4, capacity: 2, backlog: 64, strategy: strategy))
+        try await withRunning(balancer) { balancer in
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                for requester in 0..<16 {
+                    group.addTask {
+                        for i in 0..<200 {
+                            let answer = try await balancer.submit { (requester, i) }
+                            #expect(answer == (requester, i))
+                        }
+                    }
+                }
+                try await group.waitForAll()
+            }
+            let stats = await eventually(balancer) { $0.inFlight == 0 && $0.workers.allSatisfy { $0.pending == 0 } }
+            #expect(stats.completed == 16 * 200)
+            #expect(stats.submitted == 16 * 200)
+            #expect(stats.workers.reduce(0) { $0 + $1.completed } == 16 * 200)
+            #expect(stats.workers.allSatisfy { $0.pendingMax <= stats.capacity })
+            #expect(stats.overloaded == 0)
+            #expect(await balancer.poolIsValid())
+        }
+    }
+
+    @Test("an operation's error reaches its requester and counts as failed")
+    func operationErrorsReachTheRequester() async throws {
+        struct Boom: Error, Equatable {}
+        let balancer = Balancer(configuration: .init(workers: 2))
+        try await withRunning(balancer) { balancer in
+            await #expect(throws: Boom.self) {
+                try await balancer.submit { () async throws -> Int in throw Boom() }
+            }
+            let seven = try await balancer.submit { 7 }
+            #expect(seven == 7)
+            let stats = await eventually(balancer) { $0.inFlight == 0 && $0.completed + $0.failed == 2 }
+            #expect(stats.failed == 1)
+            #expect(stats.completed == 1)
+            #expect(stats.workers.reduce(0) { $0 + $1.failed } == 1)
+        }
+    }
+
+    @Test("the receipt names the worker and the times")
+    func receiptNamesTheWorker() async throws {
+        let balancer = Balancer(configuration: .init(workers: 3))
+        try await withRunning(balancer) { balancer in
+            let receipt = try await balancer.submitWithReceipt {
+                try await Task.sleep(for: .milliseconds(20))
+                return "done"
+            }
+            #expect(receipt.value == "done")
+            #expect(receipt.worker == 0, "an idle pool gives the request to the lowest id")
+            #expect(receipt.ran >= .milliseconds(20))
+            #expect(receipt.queued >= .zero && receipt.queued < .seconds(5))
+        }
+    }
+
+    @Test("mean and variance of pending are those of the workers' counts")
+    func meanAndVariance() {
+        let workers = [1, 3, 5, 7].enumerated().map {
+            BalancerStats.Worker(id: $0.offset, state: .active, pending: $0.element, pendingMax: 0, completed: 0, failed: 0)
+        }
+        let stats = BalancerStats(
+            strategy: .leastLoaded, capacity: 8, workers: workers, backlogDepth: 0, backlogLimit: 0,
+            queueTimeout: .seconds(1), submitted: 0, completed: 0, failed: 0, cancelled: 0, overloaded: 0,
+            queueTimeouts: 0, shutDown: 0, inFlight: 0, shuttingDown: false
+        )
+        #expect(stats.pendingMean == 4)
+        #expect(stats.pendingVariance == 5)
+    }
+}

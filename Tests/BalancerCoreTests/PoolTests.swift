@@ -1,0 +1,117 @@
+import Testing
+
+@testable import BalancerCore
+
+@Suite("Pool: the indexed min-heap")
+struct PoolTests {
+    /// A model of the pool: pending by id, and which ids are in the heap.
+    struct Model {
+        var pending: [Int: Int] = [:]
+        var inHeap: Set<Int> = []
+
+        var minimum: Int? {
+            inHeap.min { a, b in (pending[a]!, a) < (pending[b]!, b) }
+        }
+    }
+
+    @Test("random push, pop, remove(at:), fix and update keep heap order and every index", arguments: [1, 2, 3, 4, 5, 6, 7, 8])
+    func randomOperationsKeepTheHeapValid(seed: UInt64) {
+        var rng = SplitMix64(seed: seed)
+        var pool = Pool()
+        var model = Model()
+        var nextID = 0
+        for step in 0..<5_000 {
+            let choice = Int.random(in: 0..<100, using: &rng)
+            switch choice {
+            case 0..<15:
+                // A new worker joins (up to 64 in the pool, so heaps of every depth up to 6 occur).
+                guard model.pending.count < 64 else { continue }
+                pool.insert(nextID)
+                model.pending[nextID] = 0
+                pool.push(nextID)
+                model.inHeap.insert(nextID)
+                nextID += 1
+            case 15..<30:
+                // dispatch: pop the least loaded, pending += 1, push back.
+                guard let expected = model.minimum else { continue }
+                let id = pool.pop()
+                #expect(id == expected, "step \(step): pop returned \(String(describing: id)), model says \(expected)")
+                guard let id else { continue }
+                #expect(pool[id]?.index == nil)
+                pool.addPending(1, to: id)
+                model.pending[id]! += 1
+                pool.push(id)
+            case 30..<45:
+                // completed: remove at its index, pending -= 1, push back.
+                guard let id = model.inHeap.filter({ model.pending[$0]! > 0 }).randomElement(using: &rng) else { continue }
+                let index = pool[id]!.index!
+                #expect(pool.remove(at: index) == id)
+                pool.addPending(-1, to: id)
+                model.pending[id]! -= 1
+                pool.push(id)
+            case 45..<60:
+                // fix(at:) after a change in place.
+                guard let id = model.inHeap.randomElement(using: &rng) else { continue }
+                let new = Int.random(in: 0..<20, using: &rng)
+                pool.update(id, pending: new)
+                model.pending[id] = new
+            case 60..<70:
+                // A worker leaves the heap (draining) and its record stays.
+                guard let id = model.inHeap.randomElement(using: &rng) else { continue }
+                pool.remove(at: pool[id]!.index!)
+                model.inHeap.remove(id)
+                #expect(pool[id]?.index == nil)
+            case 70..<80:
+                // A worker out of the heap comes back or is deleted.
+                guard let id = model.pending.keys.filter({ !model.inHeap.contains($0) }).randomElement(using: &rng)
+                else { continue }
+                if Bool.random(using: &rng) {
+                    pool.push(id)
+                    model.inHeap.insert(id)
+                } else {
+                    pool.delete(id)
+                    model.pending[id] = nil
+                    #expect(pool[id] == nil)
+                }
+            default:
+                // Pop and push straight back.
+                guard let id = pool.pop() else { continue }
+                pool.push(id)
+            }
+            #expect(pool.isValid, "heap invalid after step \(step)")
+            #expect(pool.count == model.inHeap.count)
+            #expect(pool.min == model.minimum, "step \(step)")
+            for (id, pending) in model.pending {
+                #expect(pool[id]?.pending == pending)
+                #expect((pool[id]?.index != nil) == model.inHeap.contains(id))
+            }
+        }
+    }
+
+    @Test("ties go to the lowest id")
+    func tiesGoToTheLowestID() {
+        var pool = Pool()
+        for id in [4, 2, 7, 0, 5] {
+            pool.insert(id)
+            pool.push(id)
+        }
+        var order: [Int] = []
+        while let id = pool.pop() { order.append(id) }
+        #expect(order == [0, 2, 4, 5, 7])
+    }
+
+    @Test("isValid detects a broken heap")
+    func isValidDetectsABrokenHeap() {
+        var pool = Pool()
+        for id in 0..<4 {
+            pool.insert(id)
+            pool.push(id)
+        }
+        #expect(pool.isValid)
+        // Change pending without fixing: the heap's order no longer holds.
+        pool.addPending(5, to: pool.min!)
+        #expect(!pool.isValid)
+        pool.fix(at: 0)
+        #expect(pool.isValid)
+    }
+}
