@@ -1,0 +1,252 @@
+import BalancerCore
+import Logging
+import NIOCore
+
+/// A configuration value that is missing its key, has a bad value, or names
+/// an unknown key. The message names the key and where it came from.
+public struct ConfigurationError: Error, Sendable, Equatable, CustomStringConvertible {
+    public var message: String
+    public init(_ message: String) { self.message = message }
+    public var description: String { message }
+}
+
+extension ServerConfiguration {
+    /// One configuration key: its names in every layer and how to set it.
+    public struct Key: Sendable {
+        /// Name in the JSON file and in `--print-config`.
+        public let name: String
+        /// What it does, with its unit.
+        public let help: String
+        fileprivate let set: @Sendable (inout ServerConfiguration, RawValue) throws(ConfigurationError) -> Void
+        fileprivate let get: @Sendable (ServerConfiguration) -> JSONValue
+
+        /// `BALANCER_` and the name in capitals.
+        public var environmentVariable: String { "BALANCER_" + name.uppercased() }
+        /// `--` and the name with dashes.
+        public var flag: String { "--" + String(name.map { $0 == "_" ? "-" : $0 }) }
+    }
+
+    /// A value as a layer gives it: text (flags, environment) or JSON (file).
+    fileprivate enum RawValue {
+        case text(String)
+        case json(JSONValue)
+    }
+
+    /// Every key, in the order `--print-config` shows them.
+    public static let keys: [Key] = [
+        .string("host", "address to listen on (0.0.0.0 for all interfaces)", \.host),
+        .int("port", "TCP port to listen on (0 picks a free one)", \.port, range: 0...65_535),
+        .int("workers", "workers in the pool", \.workers, range: 1...4_096),
+        .int("capacity", "C: most requests queued or running on one worker", \.capacity, range: 1...1_000_000),
+        .int("backlog", "Q: requests that may wait for a worker before 503 overloaded", \.backlog, range: 0...10_000_000),
+        .int64("queue_timeout_ms", "T: longest wait in the backlog before 503 queue_timeout, ms", \.queueTimeoutMilliseconds, range: 1...86_400_000),
+        Key(
+            name: "strategy",
+            help: "worker choice: " + Strategy.allCases.map(\.rawValue).joined(separator: ", "),
+            set: { (config, raw) throws(ConfigurationError) in
+                let text = try raw.string("strategy")
+                guard let strategy = Strategy(rawValue: text) else {
+                    throw ConfigurationError(
+                        "strategy: \"\(text)\" is not one of \(Strategy.allCases.map(\.rawValue).joined(separator: ", "))"
+                    )
+                }
+                config.strategy = strategy
+            },
+            get: { .string($0.strategy.rawValue) }
+        ),
+        Key(
+            name: "log_level",
+            help: "lowest level logged to stderr: " + Logger.Level.names.joined(separator: ", "),
+            set: { (config, raw) throws(ConfigurationError) in
+                let text = try raw.string("log_level")
+                guard let level = Logger.Level(rawValue: text.lowercased()) else {
+                    throw ConfigurationError("log_level: \"\(text)\" is not one of \(Logger.Level.names.joined(separator: ", "))")
+                }
+                config.logLevel = level
+            },
+            get: { .string($0.logLevel.rawValue) }
+        ),
+        .int64("max_job_ms", "most ms a sleep or spin job may ask for", \.maxJobMilliseconds, range: 0...86_400_000),
+        .int("max_body_bytes", "largest request body; larger gets 413", \.maxBodyBytes, range: 0...1 << 30),
+        .int("max_header_bytes", "largest request head; larger gets 431", \.maxHeaderBytes, range: 1_024...1 << 20),
+        .int("max_connections", "most open connections; more get 503 and are closed", \.maxConnections, range: 1...1_000_000),
+        .int64("header_timeout_ms", "a request head must arrive within this from its first byte, or 408, ms", \.headerTimeoutMilliseconds, range: 1...3_600_000),
+        .int64("body_timeout_ms", "a request body must arrive within this from its head, or 408, ms", \.bodyTimeoutMilliseconds, range: 1...3_600_000),
+        .int64("idle_timeout_ms", "an idle keep-alive connection is closed after this, ms", \.idleTimeoutMilliseconds, range: 1...86_400_000),
+        .int64("grace_period_ms", "on SIGTERM, time for in-flight jobs before the rest get 503, ms", \.gracePeriodMilliseconds, range: 0...3_600_000),
+        .int("threads", "network event-loop threads; 0 = one per CPU core", \.threads, range: 0...1_024),
+    ]
+
+    /// The environment variable that names the JSON file, like `--config`.
+    public static let configFileVariable = "BALANCER_CONFIG"
+
+    /// Builds the configuration from its four layers.
+    ///
+    /// - Parameters:
+    ///   - flags: key name → value given on the command line (highest).
+    ///   - environment: the process environment; `BALANCER_*` variables are read.
+    ///   - file: the JSON file's bytes and its path (for messages), if any.
+    /// - Throws: ``ConfigurationError`` naming the key for an unknown key, a bad
+    ///   value or an unreadable file.
+    public static func load(
+        flags: [String: String] = [:],
+        environment: [String: String] = [:],
+        file: (path: String, contents: ByteBuffer)? = nil
+    ) throws(ConfigurationError) -> ServerConfiguration {
+        var config = ServerConfiguration()
+        let byName = Dictionary(uniqueKeysWithValues: keys.map { ($0.name, $0) })
+
+        if let file {
+            let json: JSONValue
+            do {
+                json = try JSONParser.parse(file.contents)
+            } catch {
+                throw ConfigurationError("\(file.path): not valid JSON: \(error)")
+            }
+            guard case .object(let object) = json else {
+                throw ConfigurationError("\(file.path): must be a JSON object of settings, not \(json.typeName)")
+            }
+            for member in object.members {
+                guard let key = byName[member.key] else {
+                    throw ConfigurationError(
+                        "\(file.path): unknown key \"\(member.key)\"; known keys: \(keys.map(\.name).joined(separator: ", "))"
+                    )
+                }
+                do {
+                    try key.set(&config, .json(member.value))
+                } catch {
+                    throw ConfigurationError("\(file.path): \(error.message)")
+                }
+            }
+        }
+
+        let knownVariables = Dictionary(uniqueKeysWithValues: keys.map { ($0.environmentVariable, $0) })
+        for (variable, value) in environment.sorted(by: { $0.key < $1.key }) where variable.hasPrefix("BALANCER_") {
+            if variable == configFileVariable { continue }
+            guard let key = knownVariables[variable] else {
+                throw ConfigurationError(
+                    "environment variable \(variable) is not a setting; known: "
+                        + keys.map(\.environmentVariable).joined(separator: ", ")
+                )
+            }
+            do {
+                try key.set(&config, .text(value))
+            } catch {
+                throw ConfigurationError("\(variable): \(error.message)")
+            }
+        }
+
+        for (name, value) in flags.sorted(by: { $0.key < $1.key }) {
+            guard let key = byName[name] else { throw ConfigurationError("unknown setting \"\(name)\"") }
+            do {
+                try key.set(&config, .text(value))
+            } catch {
+                throw ConfigurationError("\(key.flag): \(error.message)")
+            }
+        }
+        let problems = config.balancer.problems
+        if !problems.isEmpty { throw ConfigurationError(problems.joined(separator: "; ")) }
+        return config
+    }
+
+    /// The effective configuration as a JSON object, usable as a config file.
+    public var json: JSONValue {
+        .object(JSONObject(Self.keys.map { (key: $0.name, value: $0.get(self)) }))
+    }
+
+    /// The effective configuration as pretty JSON text, one key a line.
+    public var prettyJSON: String {
+        let lines = Self.keys.map { key in "  \(JSONValue.string(key.name)): \(key.get(self))" }
+        return "{\n" + lines.joined(separator: ",\n") + "\n}"
+    }
+}
+
+extension ServerConfiguration.RawValue {
+    fileprivate func string(_ name: String) throws(ConfigurationError) -> String {
+        switch self {
+        case .text(let text): return text
+        case .json(.string(let text)): return text
+        case .json(let other): throw ConfigurationError("\(name): must be a string, not \(other.typeName)")
+        }
+    }
+
+    fileprivate func int64(_ name: String, range: ClosedRange<Int64>) throws(ConfigurationError) -> Int64 {
+        let value: Int64?
+        let shown: String
+        switch self {
+        case .text(let text):
+            value = Int64(text.trimmingWhitespace())
+            shown = "\"\(text)\""
+        case .json(let json):
+            value = json.int64
+            shown = json.description
+        }
+        guard let value else { throw ConfigurationError("\(name): \(shown) is not a whole number") }
+        guard range.contains(value) else {
+            throw ConfigurationError("\(name): \(value) is out of range \(range.lowerBound)...\(range.upperBound)")
+        }
+        return value
+    }
+}
+
+extension String {
+    fileprivate func trimmingWhitespace() -> Substring {
+        let isSpace: (Character) -> Bool = { $0 == " " || $0 == "\t" || $0 == "\n" || $0 == "\r" }
+        guard let first = firstIndex(where: { !isSpace($0) }), let last = lastIndex(where: { !isSpace($0) }) else {
+            return ""
+        }
+        return self[first...last]
+    }
+}
+
+extension ServerConfiguration.Key {
+    fileprivate static func string(
+        _ name: String,
+        _ help: String,
+        _ path: WritableKeyPath<ServerConfiguration, String> & Sendable
+    ) -> Self {
+        Self(
+            name: name,
+            help: help,
+            set: { (config, raw) throws(ConfigurationError) in
+                let text = try raw.string(name)
+                guard !text.isEmpty else { throw ConfigurationError("\(name): must not be empty") }
+                config[keyPath: path] = text
+            },
+            get: { .string($0[keyPath: path]) }
+        )
+    }
+
+    fileprivate static func int(
+        _ name: String,
+        _ help: String,
+        _ path: WritableKeyPath<ServerConfiguration, Int> & Sendable,
+        range: ClosedRange<Int>
+    ) -> Self {
+        Self(
+            name: name,
+            help: help,
+            set: { (config, raw) throws(ConfigurationError) in
+                let value = try raw.int64(name, range: Int64(range.lowerBound)...Int64(range.upperBound))
+                config[keyPath: path] = Int(value)
+            },
+            get: { JSONValue($0[keyPath: path]) }
+        )
+    }
+
+    fileprivate static func int64(
+        _ name: String,
+        _ help: String,
+        _ path: WritableKeyPath<ServerConfiguration, Int64> & Sendable,
+        range: ClosedRange<Int64>
+    ) -> Self {
+        Self(
+            name: name,
+            help: help,
+            set: { (config, raw) throws(ConfigurationError) in
+                config[keyPath: path] = try raw.int64(name, range: range)
+            },
+            get: { JSONValue($0[keyPath: path]) }
+        )
+    }
+}

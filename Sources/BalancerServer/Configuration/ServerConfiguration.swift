@@ -1,0 +1,67 @@
+import BalancerCore
+import Logging
+
+/// Everything `balancer serve` can be told, with the documented defaults.
+///
+/// Values come from four layers; the first that names a key wins: command-line
+/// flags, then `BALANCER_*` environment variables, then a JSON file, then these
+/// defaults (see ``load(flags:environment:file:)``). Each key has one snake_case
+/// name used in the file, one environment variable and one flag.
+public struct ServerConfiguration: Sendable, Equatable {
+    /// Address to listen on. `0.0.0.0` inside a container.
+    public var host = "127.0.0.1"
+    /// Port to listen on; 0 picks a free one (tests).
+    public var port = 8080
+    /// Workers in the pool.
+    public var workers = 8
+    /// C: the most requests queued on or running on one worker.
+    public var capacity = 16
+    /// Q: requests that may wait for a worker with room before 503 `overloaded`.
+    public var backlog = 1024
+    /// T: the longest a request waits in the backlog before 503 `queue_timeout`.
+    public var queueTimeoutMilliseconds: Int64 = 5_000
+    /// How the balancer picks a worker.
+    public var strategy = Strategy.leastLoaded
+    /// Lowest level logged to stderr.
+    public var logLevel = Logger.Level.info
+    /// The most `ms` a `sleep` or `spin` job may ask for.
+    public var maxJobMilliseconds: Int64 = 10_000
+    /// Largest request body accepted; larger ones get 413.
+    public var maxBodyBytes = 1_048_576
+    /// Largest request head (request line and headers) accepted; larger get 431.
+    public var maxHeaderBytes = 16_384
+    /// Most connections open at once; more are answered 503 and closed.
+    public var maxConnections = 1_000
+    /// A request's head must arrive within this from its first byte, or 408.
+    public var headerTimeoutMilliseconds: Int64 = 10_000
+    /// A request's body must arrive within this from the end of its head, or 408.
+    public var bodyTimeoutMilliseconds: Int64 = 30_000
+    /// A keep-alive connection with no request for this long is closed.
+    public var idleTimeoutMilliseconds: Int64 = 60_000
+    /// On SIGTERM/SIGINT, how long in-flight and queued jobs get to finish
+    /// before the rest are answered 503 and the process exits.
+    public var gracePeriodMilliseconds: Int64 = 30_000
+    /// Event-loop threads for the network; 0 means one per CPU core.
+    public var threads = 0
+
+    public init() {}
+
+    /// The balancer's part of the configuration.
+    public var balancer: Balancer.Configuration {
+        Balancer.Configuration(
+            workers: workers,
+            capacity: capacity,
+            backlog: backlog,
+            queueTimeout: .milliseconds(queueTimeoutMilliseconds),
+            strategy: strategy
+        )
+    }
+
+    /// The jobs' part of the configuration.
+    public var jobLimits: JobLimits { JobLimits(maxJobMilliseconds: maxJobMilliseconds) }
+}
+
+extension Logger.Level {
+    /// The accepted spellings: trace, debug, info, notice, warning, error, critical.
+    static let names: [String] = Logger.Level.allCases.map(\.rawValue)
+}

@@ -1,0 +1,225 @@
+import NIOCore
+import NIOHTTP1
+
+/// Per-connection limits and drain, on the channel's event loop: the idle
+/// keep-alive timeout, the header and body read timeouts (408), parse errors
+/// (400, and 431 for an oversized head), and quiescing on shutdown.
+///
+/// It sits between the HTTP codec and the `NIOAsyncChannel`, sees request
+/// parts in and response parts out, and keeps count of requests whose answer
+/// is not yet written. A ``ConnectionGuard/ByteWatcher`` in front of the
+/// decoder tells it when the first bytes of a new request arrive.
+///
+/// Deadlines are checked by one repeating timer per connection (``tick``), not
+/// one timer per request, so keep-alive traffic pays a clock read per request
+/// and nothing else.
+final class ConnectionGuard: ChannelDuplexHandler, RemovableChannelHandler {
+    typealias InboundIn = HTTPServerRequestPart
+    typealias InboundOut = HTTPServerRequestPart
+    typealias OutboundIn = HTTPServerResponsePart
+    typealias OutboundOut = HTTPServerResponsePart
+
+    struct Limits: Sendable {
+        var idleTimeout: TimeAmount
+        var headerTimeout: TimeAmount
+        var bodyTimeout: TimeAmount
+        var maxHeaderBytes: Int
+
+        /// How often deadlines are checked: a fifth of the shortest timeout,
+        /// from 5 ms to 1 s.
+        var tick: TimeAmount {
+            let shortest = min(idleTimeout, headerTimeout, bodyTimeout)
+            return max(.milliseconds(5), min(.seconds(1), .nanoseconds(shortest.nanoseconds / 5)))
+        }
+    }
+
+    private let limits: Limits
+    /// Requests whose head has arrived and whose response has not ended.
+    private var inFlight = 0
+    /// The latest request's head has arrived but not its end.
+    private var readingBody = false
+    /// Bytes of a request whose head has not been parsed yet have arrived.
+    private var readingHead = false
+    private var idleSince = NIODeadline.now()
+    private var headStartedAt = NIODeadline.now()
+    private var bodyStartedAt = NIODeadline.now()
+    private var quiescing = false
+    private var closing = false
+    private var timer: RepeatedTask?
+
+    init(limits: Limits) {
+        self.limits = limits
+    }
+
+    // MARK: Lifecycle
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        idleSince = .now()
+        let tick = limits.tick
+        let loopBound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
+        timer = context.eventLoop.scheduleRepeatedTask(initialDelay: tick, delay: tick) { _ in
+            let (handler, context) = loopBound.value
+            handler.check(context: context)
+        }
+    }
+
+    func handlerRemoved(context: ChannelHandlerContext) {
+        timer?.cancel()
+        timer = nil
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        timer?.cancel()
+        timer = nil
+        context.fireChannelInactive()
+    }
+
+    // MARK: Inbound
+
+    /// Called by the ``ByteWatcher`` before bytes reach the decoder.
+    func bytesArrived() {
+        if !readingBody && !readingHead {
+            readingHead = true
+            headStartedAt = .now()
+        }
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        switch unwrapInboundIn(data) {
+        case .head:
+            inFlight += 1
+            readingHead = false
+            readingBody = true
+            bodyStartedAt = .now()
+        case .body:
+            break
+        case .end:
+            readingBody = false
+        }
+        context.fireChannelRead(data)
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        guard let parserError = error as? HTTPParserError else {
+            context.fireErrorCaught(error)
+            return
+        }
+        let answer: APIError =
+            parserError == .headerOverflow
+            ? .headersTooLarge(limit: limits.maxHeaderBytes)
+            : .badRequest("the request is not valid HTTP/1.1: \(parserError)")
+        respondAndClose(context: context, with: answer)
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if event is ChannelShouldQuiesceEvent {
+            quiescing = true
+            if inFlight == 0 && !readingHead && !readingBody {
+                close(context: context)
+            }
+            return
+        }
+        context.fireUserInboundEventTriggered(event)
+    }
+
+    // MARK: Outbound
+
+    func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
+        switch unwrapOutboundIn(data) {
+        case .head(var head) where quiescing && head.status.code >= 200:
+            head.headers.replaceOrAdd(name: "connection", value: "close")
+            context.write(wrapOutboundOut(.head(head)), promise: promise)
+        case .end:
+            inFlight -= 1
+            if inFlight <= 0 {
+                inFlight = 0
+                idleSince = .now()
+            }
+            if quiescing && inFlight == 0 && !readingHead && !readingBody {
+                let written = context.eventLoop.makePromise(of: Void.self)
+                if let promise { written.futureResult.cascade(to: promise) }
+                let loopBound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
+                written.futureResult.whenComplete { _ in
+                    let (handler, context) = loopBound.value
+                    handler.close(context: context)
+                }
+                context.writeAndFlush(data, promise: written)
+            } else {
+                context.write(data, promise: promise)
+            }
+        default:
+            context.write(data, promise: promise)
+        }
+    }
+
+    // MARK: Deadlines
+
+    /// The repeating timer: close an idle connection, or answer 408 to a slow one.
+    private func check(context: ChannelHandlerContext) {
+        guard !closing else { return }
+        let now = NIODeadline.now()
+        if readingBody {
+            if inFlight <= 1, now - bodyStartedAt > limits.bodyTimeout {
+                respondAndClose(context: context, with: .bodyTimeout)
+            }
+        } else if inFlight > 0 {
+            return  // a job is running: its own timeout applies
+        } else if readingHead {
+            if now - headStartedAt > limits.headerTimeout {
+                respondAndClose(context: context, with: .headerTimeout)
+            }
+        } else if now - idleSince > limits.idleTimeout {
+            close(context: context)
+        }
+    }
+
+    /// Writes an error answer straight to the codec and closes, unless an
+    /// earlier request's answer is still being produced (then just closes).
+    private func respondAndClose(context: ChannelHandlerContext, with error: APIError) {
+        guard !closing else { return }
+        let answeringEarlier = readingBody ? inFlight > 1 : inFlight > 0
+        if answeringEarlier {
+            close(context: context)
+            return
+        }
+        closing = true
+        var head = HTTPResponseHead(version: .http1_1, status: error.status)
+        let body = error.body(allocator: context.channel.allocator)
+        head.headers.add(name: "content-type", value: "application/json")
+        head.headers.add(name: "content-length", value: String(body.readableBytes))
+        head.headers.add(name: "connection", value: "close")
+        for (name, value) in error.headers { head.headers.add(name: name, value: value) }
+        context.write(wrapOutboundOut(.head(head)), promise: nil)
+        context.write(wrapOutboundOut(.body(.byteBuffer(body))), promise: nil)
+        let loopBound = NIOLoopBound(context, eventLoop: context.eventLoop)
+        context.writeAndFlush(wrapOutboundOut(.end(nil))).whenComplete { _ in
+            loopBound.value.close(promise: nil)
+        }
+    }
+
+    private func close(context: ChannelHandlerContext) {
+        guard !closing else { return }
+        closing = true
+        context.close(promise: nil)
+    }
+}
+
+extension ConnectionGuard {
+    /// The first handler on a connection: tells the guard that bytes arrived,
+    /// so it can time the reading of a request's head from its first byte.
+    final class ByteWatcher: ChannelInboundHandler, RemovableChannelHandler {
+        typealias InboundIn = ByteBuffer
+        typealias InboundOut = ByteBuffer
+
+        private let connectionGuard: ConnectionGuard
+
+        init(_ connectionGuard: ConnectionGuard) {
+            self.connectionGuard = connectionGuard
+        }
+
+        func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+            connectionGuard.bytesArrived()
+            context.fireChannelRead(data)
+        }
+    }
+}

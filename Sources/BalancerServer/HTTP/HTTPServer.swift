@@ -1,0 +1,320 @@
+import BalancerCore
+import Logging
+import NIOCore
+import NIOExtras
+import NIOHTTP1
+import NIOPosix
+import ServiceLifecycle
+
+/// The HTTP/1.1 server in front of a ``Balancer``: a swift-service-lifecycle
+/// `Service`.
+///
+/// ``bind(configuration:balancer:eventLoopGroup:logger:)`` opens the listening
+/// socket (so a bad address or a port in use fails before anything runs);
+/// ``run()`` accepts connections and serves each in a child task of a
+/// discarding task group, through `NIOAsyncChannel`. Keep-alive and pipelined
+/// requests are answered in order on each connection.
+///
+/// On graceful shutdown (SIGTERM/SIGINT through the `ServiceGroup`) it turns
+/// `/readyz` to 503, stops accepting, starts the balancer's graceful shutdown
+/// with the configured grace period (queued and running jobs finish; new ones
+/// get 503 `shutting_down`), answers what is in flight with `Connection:
+/// close`, closes idle connections, and returns when every connection is closed.
+public final class HTTPServer: Service, Sendable {
+    typealias Connection = NIOAsyncChannel<HTTPServerRequestPart, HTTPServerResponsePart>
+
+    /// What the accept loop gets for each new connection.
+    enum Accepted: Sendable {
+        case http(Connection)
+        /// Over `max_connections`: answered 503 and closed by the pipeline.
+        case refused
+    }
+
+    public let configuration: ServerConfiguration
+    public let balancer: Balancer
+    /// Readiness and uptime.
+    public let state: ServerState
+    /// The address actually bound (its port is the real one when 0 was asked for).
+    public let localAddress: SocketAddress
+    private let serverChannel: NIOAsyncChannel<Accepted, Never>
+    private let quiescing: ServerQuiescingHelper
+    private let router: Router
+    private let logger: Logger
+
+    /// The port actually bound.
+    public var port: Int { localAddress.port ?? configuration.port }
+
+    private init(
+        configuration: ServerConfiguration,
+        balancer: Balancer,
+        state: ServerState,
+        serverChannel: NIOAsyncChannel<Accepted, Never>,
+        quiescing: ServerQuiescingHelper,
+        logger: Logger
+    ) {
+        self.configuration = configuration
+        self.balancer = balancer
+        self.state = state
+        self.serverChannel = serverChannel
+        self.localAddress = serverChannel.channel.localAddress!
+        self.quiescing = quiescing
+        self.router = Router(balancer: balancer, registry: .builtIn, limits: configuration.jobLimits, state: state)
+        self.logger = logger
+    }
+
+    /// Opens the listening socket at `configuration.host`:`configuration.port`.
+    ///
+    /// - Throws: ``BindError`` with a one-line message (address in use, bad host).
+    public static func bind(
+        configuration: ServerConfiguration,
+        balancer: Balancer,
+        eventLoopGroup: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton,
+        logger: Logger
+    ) async throws -> HTTPServer {
+        let quiescing = ServerQuiescingHelper(group: eventLoopGroup)
+        let counter = ConnectionCounter()
+        let maxConnections = configuration.maxConnections
+        let limits = ConnectionGuard.Limits(
+            idleTimeout: .milliseconds(configuration.idleTimeoutMilliseconds),
+            headerTimeout: .milliseconds(configuration.headerTimeoutMilliseconds),
+            bodyTimeout: .milliseconds(configuration.bodyTimeoutMilliseconds),
+            maxHeaderBytes: configuration.maxHeaderBytes
+        )
+        var decoderLimits = NIOHTTPDecoderLimitConfiguration()
+        decoderLimits.maxHeaderFieldSize = configuration.maxHeaderBytes
+        decoderLimits.maxHeaderListSize = configuration.maxHeaderBytes
+        decoderLimits.maxHeaderFieldCount = 1_000
+        let decoderLimitConfiguration = decoderLimits
+
+        let bootstrap = ServerBootstrap(group: eventLoopGroup)
+            .serverChannelOption(.backlog, value: 1024)
+            .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+            .serverChannelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.addHandler(quiescing.makeServerChannelHandler(channel: channel))
+                }
+            }
+            .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
+            .childChannelOption(.maxMessagesPerRead, value: 16)
+
+        let serverChannel: NIOAsyncChannel<Accepted, Never>
+        do {
+            serverChannel = try await bootstrap.bind(
+                host: configuration.host,
+                port: configuration.port,
+                serverBackPressureStrategy: nil
+            ) { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    let open = counter.open()
+                    channel.closeFuture.whenComplete { _ in counter.close() }
+                    if open > maxConnections {
+                        try channel.pipeline.syncOperations.addHandler(RefuseConnectionHandler())
+                        return Accepted.refused
+                    }
+                    let connectionGuard = ConnectionGuard(limits: limits)
+                    let sync = channel.pipeline.syncOperations
+                    try sync.addHandler(ConnectionGuard.ByteWatcher(connectionGuard))
+                    try sync.configureHTTPServerPipeline(
+                        withPipeliningAssistance: false,  // NIOAsyncChannel answers requests in order
+                        withErrorHandling: false,  // ConnectionGuard answers parse errors as JSON
+                        withOutboundHeaderValidation: false,  // our headers are fixed strings and numbers
+                        withEncoderConfiguration: .init(),
+                        withDecoderLimitConfiguration: decoderLimitConfiguration
+                    )
+                    try sync.addHandler(connectionGuard)
+                    let connection = try Connection(
+                        wrappingChannelSynchronously: channel,
+                        configuration: .init(backPressureStrategy: .init(lowWatermark: 2, highWatermark: 16))
+                    )
+                    return Accepted.http(connection)
+                }
+            }
+        } catch {
+            throw BindError(host: configuration.host, port: configuration.port, underlying: error)
+        }
+        let server = HTTPServer(
+            configuration: configuration,
+            balancer: balancer,
+            state: ServerState(),
+            serverChannel: serverChannel,
+            quiescing: quiescing,
+            logger: logger
+        )
+        logger.info(
+            "listening",
+            metadata: [
+                "address": "\(configuration.host):\(server.port)",
+                "workers": "\(configuration.workers)",
+                "strategy": "\(configuration.strategy.rawValue)",
+            ]
+        )
+        return server
+    }
+
+    /// Serves until graceful shutdown (or cancellation) and every connection has closed.
+    public func run() async throws {
+        await withGracefulShutdownHandler {
+            await withDiscardingTaskGroup { group in
+                do {
+                    try await serverChannel.executeThenClose { inbound in
+                        for try await accepted in inbound {
+                            guard case .http(let connection) = accepted else { continue }
+                            group.addTask { await self.serve(connection) }
+                        }
+                    }
+                } catch {
+                    logger.error("accepting connections failed", metadata: ["error": "\(error)"])
+                }
+            }
+        } onGracefulShutdown: {
+            self.beginDrain()
+        }
+        logger.info("server stopped", metadata: ["address": "\(configuration.host):\(port)"])
+    }
+
+    /// Starts the drain: not ready, no new connections, jobs finish within the
+    /// grace period, every connection closes after its answer.
+    public func beginDrain() {
+        guard !state.isDraining else { return }
+        state.beginDraining()
+        logger.info(
+            "draining: finishing in-flight jobs",
+            metadata: ["grace_period_ms": "\(configuration.gracePeriodMilliseconds)"]
+        )
+        balancer.shutdown(gracePeriod: .milliseconds(configuration.gracePeriodMilliseconds))
+        quiescing.initiateShutdown(promise: nil)
+    }
+
+    // MARK: - One connection
+
+    /// Answers requests on one connection in order until it closes. If the
+    /// client goes away mid-job, the job's task is cancelled: a queued job
+    /// never runs, a running one's result is dropped.
+    private func serve(_ connection: Connection) async {
+        let channel = connection.channel
+        await withTaskCancellationHandler {
+            await withTaskGroup(of: Void.self) { group in
+                group.addTask {
+                    do {
+                        try await self.answerRequests(on: connection)
+                    } catch {
+                        self.logger.debug("connection ended", metadata: ["error": "\(error)"])
+                    }
+                }
+                group.addTask {
+                    // Resolves when the peer goes away (or we close): cancels the request loop.
+                    try? await channel.closeFuture.get()
+                }
+                _ = await group.next()
+                group.cancelAll()
+            }
+        } onCancel: {
+            channel.close(promise: nil)
+        }
+    }
+
+    private func answerRequests(on connection: Connection) async throws {
+        let maxBody = configuration.maxBodyBytes
+        let allocator = connection.channel.allocator
+        try await connection.executeThenClose { inbound, outbound in
+            var parts = inbound.makeAsyncIterator()
+            while let part = try await parts.next() {
+                guard case .head(let head) = part else { continue }
+                if let length = head.headers.first(name: "content-length").flatMap({ Int($0) }), length > maxBody {
+                    try await write(Response(.bodyTooLarge(limit: maxBody), allocator: allocator), for: head, keepAlive: false, to: outbound)
+                    return
+                }
+                if head.headers.first(name: "expect")?.lowercased() == "100-continue" {
+                    try await outbound.write(.head(HTTPResponseHead(version: head.version, status: .continue)))
+                }
+                var body: ByteBuffer?
+                var ended = false
+                reading: while let part = try await parts.next() {
+                    switch part {
+                    case .body(var chunk):
+                        if (body?.readableBytes ?? 0) + chunk.readableBytes > maxBody {
+                            try await write(Response(.bodyTooLarge(limit: maxBody), allocator: allocator), for: head, keepAlive: false, to: outbound)
+                            return
+                        }
+                        if body == nil {
+                            body = chunk
+                        } else {
+                            body!.writeBuffer(&chunk)
+                        }
+                    case .end:
+                        ended = true
+                        break reading
+                    case .head:
+                        return  // cannot happen: the decoder ends every request
+                    }
+                }
+                guard ended else { return }
+                let keepAlive = head.isKeepAlive
+                let response = await router.respond(to: head, body: body)
+                try await write(response, for: head, keepAlive: keepAlive, to: outbound)
+                if !keepAlive { return }
+            }
+        }
+    }
+
+    private func write(
+        _ response: Response,
+        for request: HTTPRequestHead,
+        keepAlive: Bool,
+        to outbound: NIOAsyncChannelOutboundWriter<HTTPServerResponsePart>
+    ) async throws {
+        var headers = HTTPHeaders()
+        headers.reserveCapacity(4 + response.headers.count)
+        headers.add(name: "content-type", value: response.contentType)
+        headers.add(name: "content-length", value: String(response.body.readableBytes))
+        if !keepAlive {
+            headers.add(name: "connection", value: "close")
+        } else if request.version.major == 1 && request.version.minor == 0 {
+            headers.add(name: "connection", value: "keep-alive")
+        }
+        for (name, value) in response.headers { headers.add(name: name, value: value) }
+        let head = HTTPResponseHead(version: request.version, status: response.status, headers: headers)
+        try await outbound.write(contentsOf: [.head(head), .body(.byteBuffer(response.body)), .end(nil)])
+    }
+}
+
+/// The listening socket could not be opened: one line for the operator.
+public struct BindError: Error, CustomStringConvertible {
+    public var host: String
+    public var port: Int
+    public var underlying: any Error
+
+    public var description: String {
+        var reason = "\(underlying)"
+        if let io = underlying as? IOError {
+            switch io.errnoCode {
+            case 98: reason = "address already in use (is another server on port \(port)?)"  // EADDRINUSE
+            case 99: reason = "address not available on this machine"  // EADDRNOTAVAIL
+            case 13: reason = "permission denied (ports below 1024 need privileges)"  // EACCES
+            default: reason = io.description
+            }
+        }
+        return "cannot listen on \(host):\(port): \(reason)"
+    }
+}
+
+/// Answers 503 `too_many_connections` on a connection over `max_connections`, and closes it.
+final class RefuseConnectionHandler: ChannelInboundHandler {
+    typealias InboundIn = ByteBuffer
+
+    func channelActive(context: ChannelHandlerContext) {
+        let body = APIError.tooManyConnections.body(allocator: context.channel.allocator)
+        var out = context.channel.allocator.buffer(capacity: 160 + body.readableBytes)
+        out.writeString(
+            "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: \(body.readableBytes)\r\n"
+                + "retry-after: \(APIError.retryAfterSeconds)\r\nconnection: close\r\n\r\n"
+        )
+        out.writeImmutableBuffer(body)
+        let loopBound = NIOLoopBound(context, eventLoop: context.eventLoop)
+        context.writeAndFlush(NIOAny(out)).whenComplete { _ in
+            loopBound.value.close(promise: nil)
+        }
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {}
+}

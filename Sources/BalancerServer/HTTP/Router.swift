@@ -1,0 +1,157 @@
+import BalancerCore
+import Logging
+import NIOCore
+import NIOHTTP1
+
+/// An answer ready to write: status, JSON or text body, extra headers.
+struct Response: Sendable {
+    var status: HTTPResponseStatus
+    var body: ByteBuffer
+    var contentType: String = "application/json"
+    var headers: [(String, String)] = []
+
+    init(status: HTTPResponseStatus = .ok, body: ByteBuffer, contentType: String = "application/json", headers: [(String, String)] = []) {
+        self.status = status
+        self.body = body
+        self.contentType = contentType
+        self.headers = headers
+    }
+
+    init(_ error: APIError, allocator: ByteBufferAllocator) {
+        self.init(status: error.status, body: error.body(allocator: allocator), headers: error.headers)
+    }
+}
+
+/// The routes: `POST /jobs`, `GET /stats`, `GET /healthz`, `GET /readyz`.
+///
+/// Every failure becomes an ``APIError`` (mapped to its status in one place);
+/// nothing here throws to the connection.
+struct Router: Sendable {
+    let balancer: Balancer
+    let registry: JobRegistry
+    let limits: JobLimits
+    let state: ServerState
+    let allocator = ByteBufferAllocator()
+
+    func respond(to head: HTTPRequestHead, body: ByteBuffer?) async -> Response {
+        let uri = head.uri
+        let path: Substring
+        let query: Substring
+        if let mark = uri.utf8.firstIndex(of: UInt8(ascii: "?")) {
+            path = uri[..<mark]
+            query = uri[uri.index(after: mark)...]
+        } else {
+            path = uri[...]
+            query = ""
+        }
+        switch path {
+        case "/jobs":
+            guard head.method == .POST else { return Response(.methodNotAllowed(head.method, path, allow: "POST"), allocator: allocator) }
+            return await job(body: body)
+        case "/stats":
+            guard head.method == .GET else { return Response(.methodNotAllowed(head.method, path, allow: "GET"), allocator: allocator) }
+            return await stats(query: query)
+        case "/healthz":
+            guard head.method == .GET else { return Response(.methodNotAllowed(head.method, path, allow: "GET"), allocator: allocator) }
+            return Response(body: ByteBuffer(string: "{\"status\":\"ok\"}\n"))
+        case "/readyz":
+            guard head.method == .GET else { return Response(.methodNotAllowed(head.method, path, allow: "GET"), allocator: allocator) }
+            if state.isDraining {
+                return Response(.notReady, allocator: allocator)
+            }
+            return Response(body: ByteBuffer(string: "{\"status\":\"ready\"}\n"))
+        default:
+            return Response(.notFound(path), allocator: allocator)
+        }
+    }
+
+    // MARK: - POST /jobs
+
+    private func job(body: ByteBuffer?) async -> Response {
+        do {
+            let decoded = try registry.decode(try JSONParser.parse(body ?? ByteBuffer()), limits: limits)
+            let job = decoded.job
+            let receipt: Receipt<JSONValue>
+            if let timeout = decoded.timeout {
+                receipt = try await submit(job, timeout: timeout)
+            } else {
+                receipt = try await balancer.submitWithReceipt { try await job.run() }
+            }
+            var out = allocator.buffer(capacity: 96)
+            out.writeStaticString("{\"op\":")
+            out.writeJSONString(decoded.op)
+            out.writeStaticString(",\"result\":")
+            out.writeJSON(receipt.value)
+            out.writeStaticString(",\"worker\":")
+            out.writeString(String(receipt.worker))
+            out.writeStaticString(",\"queued_us\":")
+            out.writeString(String(receipt.queued.microseconds))
+            out.writeStaticString(",\"run_us\":")
+            out.writeString(String(receipt.ran.microseconds))
+            out.writeStaticString("}\n")
+            return Response(body: out)
+        } catch {
+            return Response(APIError(error), allocator: allocator)
+        }
+    }
+
+    /// Races the job against its `timeout_ms`; on timeout the submit is
+    /// cancelled (a queued job never runs, a running one sees cancellation)
+    /// and the answer is 504.
+    private func submit(_ job: any Job, timeout: Duration) async throws -> Receipt<JSONValue> {
+        let balancer = self.balancer
+        return try await withThrowingTaskGroup(of: Receipt<JSONValue>?.self) { group in
+            group.addTask { try await balancer.submitWithReceipt { try await job.run() } }
+            group.addTask {
+                try await Task.sleep(for: timeout)
+                return nil
+            }
+            defer { group.cancelAll() }
+            guard let first = try await group.next(), let receipt = first else {
+                if Task.isCancelled { throw BalancerError.cancelled }
+                throw APIError.jobTimeout
+            }
+            return receipt
+        }
+    }
+
+    // MARK: - GET /stats
+
+    private func stats(query: Substring) async -> Response {
+        var format = "json"
+        for pair in query.split(separator: "&") {
+            let parts = pair.split(separator: "=", maxSplits: 1)
+            if parts.first == "format" { format = parts.count > 1 ? String(parts[1]) : "" }
+        }
+        let snapshot = await balancer.stats()
+        let uptime = state.uptime
+        switch format {
+        case "json":
+            var out = allocator.buffer(capacity: 256 + 128 * snapshot.workers.count)
+            out.writeJSON(StatsRendering.json(snapshot, uptime: uptime))
+            out.writeStaticString("\n")
+            return Response(body: out)
+        case "text":
+            return Response(
+                body: ByteBuffer(string: StatsRendering.text(snapshot, uptime: uptime)),
+                contentType: "text/plain; charset=utf-8"
+            )
+        default:
+            return Response(.badRequest("query \"format\" must be json or text, not \"\(format)\""), allocator: allocator)
+        }
+    }
+}
+
+extension Duration {
+    /// Whole microseconds.
+    var microseconds: Int64 {
+        let (seconds, attoseconds) = components
+        return seconds * 1_000_000 + attoseconds / 1_000_000_000_000
+    }
+
+    /// Whole milliseconds.
+    var milliseconds: Int64 {
+        let (seconds, attoseconds) = components
+        return seconds * 1_000 + attoseconds / 1_000_000_000_000_000
+    }
+}

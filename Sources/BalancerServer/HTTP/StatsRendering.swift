@@ -1,0 +1,95 @@
+import BalancerCore
+
+/// `/stats` as JSON and as the talk's fixed-width table, from one ``BalancerStats`` snapshot.
+enum StatsRendering {
+    static func json(_ stats: BalancerStats, uptime: Duration) -> JSONValue {
+        let workers: [JSONValue] = stats.workers.map { worker in
+            .object([
+                "id": JSONValue(worker.id),
+                "state": .string(worker.state.rawValue),
+                "pending": JSONValue(worker.pending),
+                "pending_max": JSONValue(worker.pendingMax),
+                "completed": JSONValue(worker.completed),
+                "failed": JSONValue(worker.failed),
+            ])
+        }
+        return .object([
+            "uptime_s": JSONValue(rounded(Double(uptime.milliseconds) / 1000, places: 3)),
+            "strategy": .string(stats.strategy.rawValue),
+            "capacity": JSONValue(stats.capacity),
+            "workers": .array(workers),
+            "queue": .object([
+                "depth": JSONValue(stats.backlogDepth),
+                "limit": JSONValue(stats.backlogLimit),
+                "timeout_ms": JSONValue(stats.queueTimeout.milliseconds),
+                "overloaded": JSONValue(stats.overloaded),
+                "timed_out": JSONValue(stats.queueTimeouts),
+            ]),
+            "totals": .object([
+                "submitted": JSONValue(stats.submitted),
+                "completed": JSONValue(stats.completed),
+                "failed": JSONValue(stats.failed),
+                "cancelled": JSONValue(stats.cancelled),
+                "shut_down": JSONValue(stats.shutDown),
+                "in_flight": JSONValue(stats.inFlight),
+            ]),
+            "pending_mean": JSONValue(rounded(stats.pendingMean, places: 4)),
+            "pending_variance": JSONValue(rounded(stats.pendingVariance, places: 4)),
+            "shutting_down": .bool(stats.shuttingDown),
+        ])
+    }
+
+    /// One line per worker, then the mean and variance of pending, as the talk's program printed them.
+    static func text(_ stats: BalancerStats, uptime: Duration) -> String {
+        var lines: [String] = []
+        lines.append(
+            "strategy \(stats.strategy.rawValue)  capacity \(stats.capacity)  uptime \(fixed(Double(uptime.milliseconds) / 1000, 1)) s"
+        )
+        lines.append("worker  state     pending  pending_max  completed   failed")
+        for w in stats.workers {
+            lines.append(
+                pad(String(w.id), 6) + "  " + w.state.rawValue.padding(8) + "  " + pad(String(w.pending), 7) + "  "
+                    + pad(String(w.pendingMax), 11) + "  " + pad(String(w.completed), 9) + "  " + pad(String(w.failed), 7)
+            )
+        }
+        lines.append("pending mean \(fixed(stats.pendingMean, 2))  variance \(fixed(stats.pendingVariance, 2))")
+        lines.append(
+            "queue depth \(stats.backlogDepth)/\(stats.backlogLimit)  timeout \(stats.queueTimeout.milliseconds) ms  "
+                + "overloaded \(stats.overloaded)  timed_out \(stats.queueTimeouts)"
+        )
+        lines.append(
+            "totals submitted \(stats.submitted)  completed \(stats.completed)  failed \(stats.failed)  "
+                + "cancelled \(stats.cancelled)  in_flight \(stats.inFlight)"
+        )
+        return lines.joined(separator: "\n") + "\n"
+    }
+
+    private static func pad(_ s: String, _ width: Int) -> String {
+        s.count >= width ? s : String(repeating: " ", count: width - s.count) + s
+    }
+
+    private static func rounded(_ value: Double, places: Int) -> Double {
+        var scale = 1.0
+        for _ in 0..<places { scale *= 10 }
+        return (value * scale).rounded() / scale
+    }
+
+    /// `value` with exactly `places` decimals, without Foundation.
+    static func fixed(_ value: Double, _ places: Int) -> String {
+        guard value.isFinite else { return String(value) }
+        var scale: Int64 = 1
+        for _ in 0..<places { scale *= 10 }
+        let scaled = Int64((abs(value) * Double(scale)).rounded())
+        let whole = scaled / scale
+        let fraction = String(scaled % scale)
+        let sign = value < 0 && scaled != 0 ? "-" : ""
+        if places == 0 { return sign + String(whole) }
+        return sign + String(whole) + "." + String(repeating: "0", count: places - fraction.count) + fraction
+    }
+}
+
+extension String {
+    fileprivate func padding(_ width: Int) -> String {
+        count >= width ? self : self + String(repeating: " ", count: width - count)
+    }
+}
