@@ -101,7 +101,7 @@ public actor Balancer {
     public nonisolated func submit<Output: Sendable>(
         _ operation: @escaping @Sendable () async throws -> Output
     ) async throws -> Output {
-        try await submitWithReceipt(operation).value
+        try await send(Request(operation, timed: false)).value
     }
 
     /// ``submit(_:)``, also telling which worker ran the operation and how
@@ -109,7 +109,10 @@ public actor Balancer {
     public nonisolated func submitWithReceipt<Output: Sendable>(
         _ operation: @escaping @Sendable () async throws -> Output
     ) async throws -> Receipt<Output> {
-        let request = Request(operation)
+        try await send(Request(operation, timed: true))
+    }
+
+    private nonisolated func send<Output: Sendable>(_ request: Request<Output>) async throws -> Receipt<Output> {
         let inbox = self.inbox
         return try await withTaskCancellationHandler {
             try await withUnsafeThrowingContinuation { continuation in
@@ -350,7 +353,7 @@ public actor Balancer {
         case .expire:
             expiryTimer = nil
             let now = ContinuousClock.now
-            while let head = backlog.first, head.deadline <= now {
+            while let head = backlog.first, let deadline = head.deadline, deadline <= now {
                 backlog.removeFirst()
                 finish(head, with: .queueTimeout)
             }

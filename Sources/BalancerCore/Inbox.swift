@@ -52,7 +52,7 @@ final class Inbox: Sendable {
         var closed = false
     }
 
-    private let state = Mutex(State())
+    private let state = Locked(State())
     /// Requests refused because work was already closed (shutting down).
     let refusedWhileClosed = Atomic<Int>(0)
 

@@ -44,16 +44,17 @@ class AnyRequest: @unchecked Sendable {
         case finished
     }
 
-    final let submittedAt: ContinuousClock.Instant
+    /// When `submit` was called; `nil` when the requester wants no receipt,
+    /// which spares the hot path its clock reads.
+    final let submittedAt: ContinuousClock.Instant?
     final var phase: Phase = .new
     final var cancelRequested = false
-    final var deadline: ContinuousClock.Instant
+    /// When a request waiting in the backlog times out.
+    final var deadline: ContinuousClock.Instant?
     private final let answered = Atomic<Bool>(false)
 
-    init() {
-        let now = ContinuousClock.now
-        submittedAt = now
-        deadline = now
+    init(timed: Bool) {
+        submittedAt = timed ? ContinuousClock.now : nil
     }
 
     /// Claims the one-shot reply; true exactly once.
@@ -86,22 +87,21 @@ final class Request<Output: Sendable>: AnyRequest, @unchecked Sendable {
     /// Set once by `submit` before the request is published to the balancer.
     var reply: UnsafeContinuation<Receipt<Output>, any Error>?
 
-    init(_ operation: @escaping @Sendable () async throws -> Output) {
+    init(_ operation: @escaping @Sendable () async throws -> Output, timed: Bool) {
         self.operation = operation
-        super.init()
+        super.init(timed: timed)
     }
 
     override func run(on worker: Int) async -> Outcome {
-        let started = ContinuousClock.now
+        let started = submittedAt == nil ? nil : ContinuousClock.now
         do {
             let value = try await operation()
             guard claim() else { return .dropped }
-            let receipt = Receipt(
-                value: value,
-                worker: worker,
-                queued: started - submittedAt,
-                ran: ContinuousClock.now - started
-            )
+            var receipt = Receipt(value: value, worker: worker, queued: .zero, ran: .zero)
+            if let submittedAt, let started {
+                receipt.queued = started - submittedAt
+                receipt.ran = ContinuousClock.now - started
+            }
             reply.unsafelyUnwrapped.resume(returning: receipt)
             return .value
         } catch {

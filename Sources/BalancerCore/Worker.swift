@@ -17,7 +17,7 @@ import Synchronization
 final class Worker: Sendable {
     /// Stable id, as shown in stats and receipts.
     let id: Int
-    private let state: Mutex<State>
+    private let state: Locked<State>
 
     private struct State {
         var queue = Deque<AnyRequest>()
@@ -61,7 +61,7 @@ final class Worker: Sendable {
 
     init(id: Int) {
         self.id = id
-        self.state = Mutex(State())
+        self.state = Locked(State())
     }
 
     /// Puts `request` on the channel, waking the worker task if it is parked.

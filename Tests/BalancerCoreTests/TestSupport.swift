@@ -41,7 +41,7 @@ final class Recorder: Sendable {
 @discardableResult
 func eventually(
     _ balancer: Balancer,
-    timeout: Duration = .seconds(10),
+    timeout: Duration = .seconds(30),
     sourceLocation: SourceLocation = #_sourceLocation,
     _ condition: (BalancerStats) -> Bool
 ) async -> BalancerStats {
