@@ -44,6 +44,8 @@ final class ConnectionGuard: ChannelDuplexHandler, RemovableChannelHandler {
     private var headStartedAt = NIODeadline.now()
     private var bodyStartedAt = NIODeadline.now()
     private var quiescing = false
+    /// A `Connection: close` answer is being written: close once it is out.
+    private var closeAfterResponse = false
     private var closing = false
     private var timer: RepeatedTask?
 
@@ -127,7 +129,9 @@ final class ConnectionGuard: ChannelDuplexHandler, RemovableChannelHandler {
     func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
         switch unwrapOutboundIn(data) {
         case .head(var head) where quiescing && head.status.code >= 200:
+            // Draining: this is the connection's last answer.
             head.headers.replaceOrAdd(name: "connection", value: "close")
+            closeAfterResponse = true
             context.write(wrapOutboundOut(.head(head)), promise: promise)
         case .end:
             inFlight -= 1
@@ -135,7 +139,7 @@ final class ConnectionGuard: ChannelDuplexHandler, RemovableChannelHandler {
                 inFlight = 0
                 idleSince = .now()
             }
-            if quiescing && inFlight == 0 && !readingHead && !readingBody {
+            if closeAfterResponse {
                 let written = context.eventLoop.makePromise(of: Void.self)
                 if let promise { written.futureResult.cascade(to: promise) }
                 let loopBound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
@@ -191,9 +195,9 @@ final class ConnectionGuard: ChannelDuplexHandler, RemovableChannelHandler {
         for (name, value) in error.headers { head.headers.add(name: name, value: value) }
         context.write(wrapOutboundOut(.head(head)), promise: nil)
         context.write(wrapOutboundOut(.body(.byteBuffer(body))), promise: nil)
-        let loopBound = NIOLoopBound(context, eventLoop: context.eventLoop)
+        let channel = context.channel
         context.writeAndFlush(wrapOutboundOut(.end(nil))).whenComplete { _ in
-            loopBound.value.close(promise: nil)
+            lingeringClose(channel)
         }
     }
 
@@ -221,5 +225,17 @@ extension ConnectionGuard {
             connectionGuard.bytesArrived()
             context.fireChannelRead(data)
         }
+    }
+}
+
+/// Closes a connection after an early error answer (408, 413, 431, 400)
+/// without losing that answer: a close with unread input makes the kernel send
+/// a reset, which can destroy the answer before the client reads it. So the
+/// sending side is shut first, input is left to drain, and the connection is
+/// closed for good a second later (or when the client closes first).
+func lingeringClose(_ channel: any Channel) {
+    channel.close(mode: .output, promise: nil)
+    channel.eventLoop.scheduleTask(in: .seconds(1)) {
+        channel.close(promise: nil)
     }
 }

@@ -170,6 +170,9 @@ public final class HTTPServer: Service, Sendable {
             self.beginDrain()
         }
         logger.info("server stopped", metadata: ["address": "\(configuration.host):\(port)"])
+        // After a drain begun by ``beginDrain()`` rather than by the group,
+        // stay until the group shuts this service down, so it does not see it end early.
+        try? await gracefulShutdown()
     }
 
     /// Starts the drain: not ready, no new connections, jobs finish within the
@@ -215,13 +218,12 @@ public final class HTTPServer: Service, Sendable {
 
     private func answerRequests(on connection: Connection) async throws {
         let maxBody = configuration.maxBodyBytes
-        let allocator = connection.channel.allocator
         try await connection.executeThenClose { inbound, outbound in
             var parts = inbound.makeAsyncIterator()
             while let part = try await parts.next() {
                 guard case .head(let head) = part else { continue }
                 if let length = head.headers.first(name: "content-length").flatMap({ Int($0) }), length > maxBody {
-                    try await write(Response(.bodyTooLarge(limit: maxBody), allocator: allocator), for: head, keepAlive: false, to: outbound)
+                    try await refuseBody(head, limit: maxBody, channel: connection.channel, parts: &parts, outbound: outbound)
                     return
                 }
                 if head.headers.first(name: "expect")?.lowercased() == "100-continue" {
@@ -233,7 +235,7 @@ public final class HTTPServer: Service, Sendable {
                     switch part {
                     case .body(var chunk):
                         if (body?.readableBytes ?? 0) + chunk.readableBytes > maxBody {
-                            try await write(Response(.bodyTooLarge(limit: maxBody), allocator: allocator), for: head, keepAlive: false, to: outbound)
+                            try await refuseBody(head, limit: maxBody, channel: connection.channel, parts: &parts, outbound: outbound)
                             return
                         }
                         if body == nil {
@@ -255,6 +257,20 @@ public final class HTTPServer: Service, Sendable {
                 if !keepAlive { return }
             }
         }
+    }
+
+    /// Answers 413 before reading the rest of the body, then closes the
+    /// connection without resetting it, discarding what the client still sends.
+    private func refuseBody(
+        _ head: HTTPRequestHead,
+        limit: Int,
+        channel: any Channel,
+        parts: inout NIOAsyncChannelInboundStream<HTTPServerRequestPart>.AsyncIterator,
+        outbound: NIOAsyncChannelOutboundWriter<HTTPServerResponsePart>
+    ) async throws {
+        try await write(Response(.bodyTooLarge(limit: limit), allocator: channel.allocator), for: head, keepAlive: false, to: outbound)
+        lingeringClose(channel)
+        while try await parts.next() != nil {}
     }
 
     private func write(

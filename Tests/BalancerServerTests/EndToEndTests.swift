@@ -1,0 +1,231 @@
+import Foundation
+import Testing
+
+#if canImport(FoundationNetworking)
+import FoundationNetworking
+#endif
+
+/// The built `balancer` executable, next to this test bundle (`swift build` first),
+/// or `BALANCER_BIN`.
+let balancerBinary: URL? = {
+    if let path = ProcessInfo.processInfo.environment["BALANCER_BIN"] { return URL(fileURLWithPath: path) }
+    var directory = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent()
+    for _ in 0..<4 {
+        let candidate = directory.appendingPathComponent("balancer")
+        if FileManager.default.isExecutableFile(atPath: candidate.path) { return candidate }
+        directory = directory.deletingLastPathComponent()
+    }
+    return nil
+}()
+
+/// `balancer serve` as a child process, the way a user starts it.
+final class ServeProcess: @unchecked Sendable {
+    let process = Process()
+    let logURL: URL
+    private(set) var port = 0
+
+    init(_ arguments: [String], environment: [String: String] = [:]) throws {
+        let binary = try #require(balancerBinary, "build the balancer executable first: swift build")
+        logURL = FileManager.default.temporaryDirectory.appendingPathComponent("balancer-e2e-\(UUID().uuidString).log")
+        _ = FileManager.default.createFile(atPath: logURL.path, contents: nil)
+        process.executableURL = binary
+        process.arguments = ["serve"] + arguments
+        var env = ProcessInfo.processInfo.environment.filter { !$0.key.hasPrefix("BALANCER_") }
+        env.merge(environment) { _, new in new }
+        process.environment = env
+        process.standardOutput = FileHandle.nullDevice
+        process.standardError = try FileHandle(forWritingTo: logURL)
+    }
+
+    var log: String { (try? String(contentsOf: logURL, encoding: .utf8)) ?? "" }
+
+    /// Starts it and waits for its "listening" log line, which gives the real port.
+    func start() async throws {
+        try process.run()
+        let ready = try await eventually(timeout: .seconds(10)) {
+            guard let line = self.log.split(separator: "\n").first(where: { $0.contains("listening") }),
+                let address = line.split(separator: " ").first(where: { $0.hasPrefix("address=") }),
+                let port = address.split(separator: ":").last.flatMap({ Int($0) })
+            else { return !self.process.isRunning }
+            self.port = port
+            return true
+        }
+        #expect(ready && port != 0, "server did not start: \(log)")
+    }
+
+    func url(_ path: String) -> URL { URL(string: "http://127.0.0.1:\(port)\(path)")! }
+
+    /// Waits for the process to end; returns its exit status.
+    func waitForExit(timeout: Duration = .seconds(20)) async throws -> Int32 {
+        let exited = try await eventually(timeout: timeout) { !self.process.isRunning }
+        if !exited {
+            process.terminate()
+            Issue.record("balancer serve did not exit in time")
+        }
+        process.waitUntilExit()
+        return process.terminationStatus
+    }
+
+    func stop() {
+        if process.isRunning {
+            kill(process.processIdentifier, SIGKILL)
+            process.waitUntilExit()
+        }
+        try? FileManager.default.removeItem(at: logURL)
+    }
+}
+
+/// Runs `arguments` and returns (exit status, stdout + stderr).
+func runBalancer(_ arguments: [String], environment: [String: String] = [:]) async throws -> (Int32, String) {
+    let binary = try #require(balancerBinary, "build the balancer executable first: swift build")
+    let process = Process()
+    process.executableURL = binary
+    process.arguments = arguments
+    var env = ProcessInfo.processInfo.environment.filter { !$0.key.hasPrefix("BALANCER_") }
+    env.merge(environment) { _, new in new }
+    process.environment = env
+    let pipe = Pipe()
+    process.standardOutput = pipe
+    process.standardError = pipe
+    try process.run()
+    let data = pipe.fileHandleForReading.readDataToEndOfFile()
+    process.waitUntilExit()
+    return (process.terminationStatus, String(decoding: data, as: UTF8.self))
+}
+
+func curl(_ arguments: [String]) async throws -> String {
+    let process = Process()
+    process.executableURL = URL(fileURLWithPath: "/usr/bin/curl")
+    process.arguments = ["-s", "--max-time", "10"] + arguments
+    let pipe = Pipe()
+    process.standardOutput = pipe
+    try process.run()
+    let data = pipe.fileHandleForReading.readDataToEndOfFile()
+    process.waitUntilExit()
+    return String(decoding: data, as: UTF8.self)
+}
+
+@Suite("End to end: the built balancer serve", .serialized, .enabled(if: balancerBinary != nil))
+struct EndToEndTests {
+    @Test("curl POST /jobs and GET /stats")
+    func curlJobs() async throws {
+        let server = try ServeProcess(["--port", "0", "--workers", "4"])
+        defer { server.stop() }
+        try await server.start()
+        let answer = try await curl(["-X", "POST", "-d", #"{"op":"multiply","x":6,"y":7}"#, server.url("/jobs").absoluteString])
+        #expect(answer.contains(#""op":"multiply","result":42,"worker":"#))
+        let stats = try await curl([server.url("/stats?format=text").absoluteString])
+        #expect(stats.contains("pending mean"))
+        let problem = try await curl(["-X", "POST", "-d", #"{"op":"nope"}"#, server.url("/jobs").absoluteString])
+        #expect(problem.contains(#""error":"unknown_op""#))
+        kill(server.process.processIdentifier, SIGTERM)
+        #expect(try await server.waitForExit() == 0)
+    }
+
+    @Test("64 concurrent 300 ms sleeps on 8 workers: each worker's pending is within 1 of the others")
+    func balance() async throws {
+        let server = try ServeProcess(["--port", "0", "--workers", "8"])
+        defer { server.stop() }
+        try await server.start()
+        let url = server.url("/jobs")
+        try await withThrowingTaskGroup(of: Int.self) { group in
+            for _ in 0..<64 {
+                group.addTask { try await request(url, method: "POST", body: #"{"op":"sleep","ms":300}"#).status }
+            }
+            #expect(try await eventually(timeout: .seconds(5)) {
+                let stats = try await request(server.url("/stats")).json
+                let totals = try #require(stats["totals"] as? [String: Any])
+                return (totals["submitted"] as? NSNumber)?.intValue == 64
+            })
+            let stats = try await request(server.url("/stats")).json
+            let workers = try #require(stats["workers"] as? [[String: Any]])
+            let pending = workers.compactMap { ($0["pending"] as? NSNumber)?.intValue }
+            #expect(pending.count == 8)
+            #expect(pending.reduce(0, +) > 8, "the jobs should still be running: \(pending)")
+            #expect((pending.max() ?? 0) - (pending.min() ?? 0) <= 1, "pending per worker: \(pending)")
+            var statuses: [Int] = []
+            for try await status in group { statuses.append(status) }
+            #expect(statuses.count == 64 && statuses.allSatisfy { $0 == 200 })
+        }
+        kill(server.process.processIdentifier, SIGTERM)
+        #expect(try await server.waitForExit() == 0)
+    }
+
+    @Test("SIGTERM with jobs in flight: every in-flight job gets its 200, and the exit code is 0")
+    func sigtermDrain() async throws {
+        let server = try ServeProcess(["--port", "0", "--workers", "4", "--capacity", "2"])
+        defer { server.stop() }
+        try await server.start()
+        let url = server.url("/jobs")
+        try await withThrowingTaskGroup(of: (Int, String).self) { group in
+            // 8 running and 8 queued behind them.
+            for _ in 0..<16 {
+                group.addTask {
+                    let result = try await request(url, method: "POST", body: #"{"op":"sleep","ms":500}"#)
+                    return (result.status, result.header("Connection") ?? "")
+                }
+            }
+            #expect(try await eventually(timeout: .seconds(5)) {
+                let stats = try await request(server.url("/stats")).json
+                let totals = try #require(stats["totals"] as? [String: Any])
+                return (totals["in_flight"] as? NSNumber)?.intValue == 16
+            })
+            kill(server.process.processIdentifier, SIGTERM)
+            var results: [(Int, String)] = []
+            for try await result in group { results.append(result) }
+            #expect(results.count == 16)
+            #expect(results.allSatisfy { $0.0 == 200 }, "statuses: \(results.map(\.0))")
+        }
+        #expect(try await server.waitForExit() == 0, "log: \(server.log)")
+        #expect(server.log.contains("draining"))
+    }
+
+    @Test("a bad value stops start-up with a message naming the key and a non-zero exit")
+    func badConfiguration() async throws {
+        let (status, output) = try await runBalancer(["serve", "--workers", "many"])
+        #expect(status != 0)
+        #expect(output.contains("--workers"))
+        let (envStatus, envOutput) = try await runBalancer(["serve"], environment: ["BALANCER_STRATEGY": "random"])
+        #expect(envStatus != 0)
+        #expect(envOutput.contains("BALANCER_STRATEGY"))
+        let file = FileManager.default.temporaryDirectory.appendingPathComponent("bad-\(UUID().uuidString).json")
+        try Data(#"{"workers": 4, "colour": "blue"}"#.utf8).write(to: file)
+        defer { try? FileManager.default.removeItem(at: file) }
+        let (fileStatus, fileOutput) = try await runBalancer(["serve", "--config", file.path])
+        #expect(fileStatus != 0)
+        #expect(fileOutput.contains("colour"))
+    }
+
+    @Test("--print-config shows the layers merged")
+    func printConfig() async throws {
+        let file = FileManager.default.temporaryDirectory.appendingPathComponent("cfg-\(UUID().uuidString).json")
+        try Data(#"{"workers": 4, "capacity": 3}"#.utf8).write(to: file)
+        defer { try? FileManager.default.removeItem(at: file) }
+        let (status, output) = try await runBalancer(
+            ["serve", "--print-config", "--workers", "6"],
+            environment: ["BALANCER_CONFIG": file.path, "BALANCER_CAPACITY": "5"]
+        )
+        #expect(status == 0)
+        #expect(output.contains(#""workers": 6"#))
+        #expect(output.contains(#""capacity": 5"#))
+        #expect(output.contains(#""port": 8080"#))
+    }
+
+    @Test("a port in use is a one-line error, and healthcheck finds a live server")
+    func portInUse() async throws {
+        let server = try ServeProcess(["--port", "0"])
+        defer { server.stop() }
+        try await server.start()
+        let (status, output) = try await runBalancer(["serve", "--port", String(server.port)])
+        #expect(status != 0)
+        let lines = output.split(separator: "\n")
+        #expect(lines.count == 1, "output: \(output)")
+        #expect(output.contains("address already in use"))
+        let (healthy, _) = try await runBalancer(["healthcheck", "--port", String(server.port)])
+        #expect(healthy == 0)
+        kill(server.process.processIdentifier, SIGTERM)
+        #expect(try await server.waitForExit() == 0)
+        let (unhealthy, _) = try await runBalancer(["healthcheck", "--port", String(server.port), "--timeout-ms", "500"])
+        #expect(unhealthy == 1)
+    }
+}

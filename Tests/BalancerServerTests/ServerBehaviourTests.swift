@@ -1,0 +1,262 @@
+import BalancerCore
+import BalancerServer
+import Foundation
+import Testing
+
+@Suite("Server behaviour over real sockets")
+struct ServerBehaviourTests {
+    @Test("POST /jobs multiply answers 42 with the worker and timings")
+    func multiply() async throws {
+        try await withServer { server in
+            let result = try await postJob(server, #"{"op":"multiply","x":6,"y":7}"#)
+            #expect(result.status == 200)
+            #expect(result.header("Content-Type") == "application/json")
+            let json = try result.json
+            #expect(json["op"] as? String == "multiply")
+            #expect((json["result"] as? NSNumber)?.int64Value == 42)
+            #expect((json["worker"] as? NSNumber).map { (0..<8).contains($0.intValue) } == true)
+            #expect(json["queued_us"] is NSNumber)
+            #expect(json["run_us"] is NSNumber)
+        }
+    }
+
+    @Test("echo gives back any JSON value unchanged")
+    func echo() async throws {
+        try await withServer { server in
+            let result = try await postJob(server, #"{"op":"echo","value":{"a":[1,-2.5e3,true,null],"s":"é\n\"x\""}}"#)
+            #expect(result.status == 200)
+            #expect(result.text.contains(#""result":{"a":[1,-2.5e3,true,null],"s":"é\n\"x\""}"#))
+        }
+    }
+
+    @Test("sleep and spin run for the asked time and report it")
+    func sleepAndSpin() async throws {
+        try await withServer { server in
+            let clock = ContinuousClock()
+            let start = clock.now
+            let slept = try await postJob(server, #"{"op":"sleep","ms":100}"#)
+            #expect(slept.status == 200)
+            #expect((try slept.json["result"] as? NSNumber)?.intValue == 100)
+            let spun = try await postJob(server, #"{"op":"spin","ms":50}"#)
+            #expect(spun.status == 200)
+            #expect(clock.now - start >= .milliseconds(300))
+        }
+    }
+
+    @Test("GET /stats has every documented field")
+    func statsJSON() async throws {
+        try await withServer({ $0.workers = 3 }) { server in
+            _ = try await postJob(server, #"{"op":"multiply","x":6,"y":7}"#)
+            let json = try await request(server.url("/stats")).json
+            #expect(json["uptime_s"] is NSNumber)
+            #expect(json["strategy"] as? String == "least-loaded")
+            let workers = try #require(json["workers"] as? [[String: Any]])
+            #expect(workers.count == 3)
+            for worker in workers {
+                for key in ["id", "state", "pending", "pending_max", "completed", "failed"] {
+                    #expect(worker[key] != nil, "worker lacks \(key)")
+                }
+            }
+            let queue = try #require(json["queue"] as? [String: Any])
+            for key in ["depth", "limit", "timeout_ms", "overloaded", "timed_out"] {
+                #expect(queue[key] != nil, "queue lacks \(key)")
+            }
+            let totals = try #require(json["totals"] as? [String: Any])
+            #expect((totals["submitted"] as? NSNumber)?.intValue == 1)
+            #expect((totals["completed"] as? NSNumber)?.intValue == 1)
+            #expect(totals["failed"] != nil && totals["cancelled"] != nil)
+            #expect(json["pending_mean"] is NSNumber)
+            #expect(json["pending_variance"] is NSNumber)
+        }
+    }
+
+    @Test("GET /stats?format=text is a table with one line per worker and the mean and variance")
+    func statsText() async throws {
+        try await withServer({ $0.workers = 4 }) { server in
+            let result = try await request(server.url("/stats?format=text"))
+            #expect(result.status == 200)
+            #expect(result.header("Content-Type")?.hasPrefix("text/plain") == true)
+            let lines = result.text.split(separator: "\n")
+            #expect(lines.filter { $0.contains("active") }.count == 4)
+            #expect(lines.contains { $0.hasPrefix("pending mean 0.00  variance 0.00") })
+        }
+    }
+
+    @Test("/healthz is 200; /readyz is 200, then 503 once the drain has begun")
+    func health() async throws {
+        try await withServer { server in
+            #expect(try await request(server.url("/healthz")).status == 200)
+            #expect(try await request(server.url("/readyz")).status == 200)
+            try await withRawConnection(port: server.port) { connection in
+                // A request in progress keeps this connection open through the drain.
+                try await connection.send("GET /readyz HTTP/1.1\r\n")
+                try await Task.sleep(for: .milliseconds(50))
+                await server.group.triggerGracefulShutdown()
+                #expect(try await eventually { server.server.state.isDraining })
+                try await connection.send("Host: x\r\n\r\n")
+                let response = try #require(try await connection.readResponse())
+                #expect(response.status == 503)
+                #expect(response.errorCode == "draining")
+            }
+        }
+    }
+
+    @Test("keep-alive: many requests on one connection")
+    func keepAlive() async throws {
+        try await withServer { server in
+            try await withRawConnection(port: server.port) { connection in
+                for i in 1...20 {
+                    let job = #"{"op":"multiply","x":\#(i),"y":2}"#
+                    try await connection.send("POST /jobs HTTP/1.1\r\nHost: x\r\nContent-Length: \(job.utf8.count)\r\n\r\n\(job)")
+                    let response = try #require(try await connection.readResponse())
+                    #expect(response.status == 200)
+                    #expect(response.body.contains("\"result\":\(i * 2)"))
+                }
+            }
+        }
+    }
+
+    @Test("pipelining: requests sent together are answered in order")
+    func pipelining() async throws {
+        try await withServer { server in
+            try await withRawConnection(port: server.port) { connection in
+                var batch = ""
+                // A slow job first: the quick ones behind it must still come back after it.
+                let slow = #"{"op":"sleep","ms":100}"#
+                batch += "POST /jobs HTTP/1.1\r\nHost: x\r\nContent-Length: \(slow.utf8.count)\r\n\r\n\(slow)"
+                for i in 1...5 {
+                    let job = #"{"op":"multiply","x":\#(i),"y":10}"#
+                    batch += "POST /jobs HTTP/1.1\r\nHost: x\r\nContent-Length: \(job.utf8.count)\r\n\r\n\(job)"
+                }
+                batch += "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+                try await connection.send(batch)
+                let first = try #require(try await connection.readResponse())
+                #expect(first.body.contains("\"op\":\"sleep\""))
+                for i in 1...5 {
+                    let response = try #require(try await connection.readResponse())
+                    #expect(response.body.contains("\"result\":\(i * 10)"))
+                }
+                #expect(try await connection.readResponse()?.body.contains("ok") == true)
+            }
+        }
+    }
+
+    @Test("Connection: close is honoured")
+    func connectionClose() async throws {
+        try await withServer { server in
+            try await withRawConnection(port: server.port) { connection in
+                try await connection.send("GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                let response = try #require(try await connection.readResponse())
+                #expect(response.status == 200)
+                #expect(response.headers["connection"] == "close")
+                #expect(try await connection.readUntilClosed())
+            }
+        }
+    }
+
+    @Test("an idle keep-alive connection is closed after idle_timeout_ms")
+    func idleTimeout() async throws {
+        try await withServer({ $0.idleTimeoutMilliseconds = 500 }) { server in
+            try await withRawConnection(port: server.port) { connection in
+                try await connection.send("GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                #expect(try await connection.readResponse()?.status == 200)
+                let clock = ContinuousClock()
+                let start = clock.now
+                #expect(try await connection.readUntilClosed())
+                #expect(clock.now - start >= .milliseconds(300))
+            }
+        }
+    }
+
+    @Test("a client that disconnects while its job is queued: the job never runs")
+    func disconnectWhileQueued() async throws {
+        try await withServer({ $0.workers = 1; $0.capacity = 1 }) { server in
+            async let first = postJob(server, #"{"op":"sleep","ms":600}"#)
+            #expect(try await eventually { await server.balancer.stats().inFlight == 1 })
+            try await withRawConnection(port: server.port) { connection in
+                let job = #"{"op":"sleep","ms":1}"#
+                try await connection.send("POST /jobs HTTP/1.1\r\nHost: x\r\nContent-Length: \(job.utf8.count)\r\n\r\n\(job)")
+                #expect(try await eventually { await server.balancer.stats().backlogDepth == 1 })
+            }  // closes the connection while the job waits in the backlog
+            #expect(try await eventually { await server.balancer.stats().cancelled == 1 })
+            #expect(try await first.status == 200)
+            let stats = await server.balancer.stats()
+            #expect(stats.workers[0].completed == 1, "only the first job ran")
+            #expect(stats.cancelled == 1)
+            #expect(stats.inFlight == 0)
+            #expect(stats.workers[0].pending == 0)
+        }
+    }
+
+    @Test("a client that disconnects while its job runs: the result is dropped and the counts stay exact")
+    func disconnectWhileRunning() async throws {
+        try await withServer({ $0.workers = 2 }) { server in
+            try await withRawConnection(port: server.port) { connection in
+                let job = #"{"op":"sleep","ms":5000}"#
+                try await connection.send("POST /jobs HTTP/1.1\r\nHost: x\r\nContent-Length: \(job.utf8.count)\r\n\r\n\(job)")
+                #expect(try await eventually { await server.balancer.stats().inFlight == 1 })
+            }
+            #expect(try await eventually { await server.balancer.stats().cancelled == 1 })
+            #expect(try await eventually {
+                let stats = await server.balancer.stats()
+                return stats.workers.allSatisfy { $0.pending == 0 } && stats.inFlight == 0
+            })
+            let stats = await server.balancer.stats()
+            #expect(stats.submitted == stats.completed + stats.failed + stats.cancelled + stats.overloaded + stats.queueTimeouts + stats.shutDown + stats.inFlight)
+            #expect(try await postJob(server, #"{"op":"multiply","x":6,"y":7}"#).status == 200)
+        }
+    }
+
+    @Test("graceful drain: in-flight jobs get 200 with Connection: close; idle connections are closed")
+    func drain() async throws {
+        try await withServer { server in
+            try await withRawConnection(port: server.port) { idle in
+                try await idle.send("GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                #expect(try await idle.readResponse()?.status == 200)
+                try await withRawConnection(port: server.port) { busy in
+                    let job = #"{"op":"sleep","ms":300}"#
+                    try await busy.send("POST /jobs HTTP/1.1\r\nHost: x\r\nContent-Length: \(job.utf8.count)\r\n\r\n\(job)")
+                    #expect(try await eventually { await server.balancer.stats().inFlight == 1 })
+                    await server.group.triggerGracefulShutdown()
+                    #expect(try await idle.readUntilClosed(), "the idle connection is closed at once")
+                    let response = try #require(try await busy.readResponse())
+                    #expect(response.status == 200)
+                    #expect(response.headers["connection"] == "close")
+                    #expect(try await busy.readUntilClosed())
+                }
+            }
+        }
+    }
+
+    @Test("max_connections: one more connection is answered 503 and closed")
+    func maxConnections() async throws {
+        try await withServer({ $0.maxConnections = 2 }) { server in
+            try await withRawConnection(port: server.port) { a in
+                try await a.send("GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                #expect(try await a.readResponse()?.status == 200)
+                try await withRawConnection(port: server.port) { b in
+                    try await b.send("GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                    #expect(try await b.readResponse()?.status == 200)
+                    try await withRawConnection(port: server.port) { c in
+                        let response = try #require(try await c.readResponse())
+                        #expect(response.status == 503)
+                        #expect(response.errorCode == "too_many_connections")
+                    }
+                }
+            }
+        }
+    }
+
+    @Test("garbage input does not stop others being served")
+    func garbage() async throws {
+        try await withServer { server in
+            for junk in ["\u{0}\u{1}\u{2}\r\n\r\n", "GET / HTTP/9.9\r\n\r\n", "POST /jobs HTTP/1.1\r\nContent-Length: -5\r\n\r\n", "\r\n\r\n\r\n"] {
+                try await withRawConnection(port: server.port) { connection in
+                    try await connection.send(junk)
+                    _ = try? await connection.readResponse()
+                }
+            }
+            #expect(try await postJob(server, #"{"op":"multiply","x":6,"y":7}"#).status == 200)
+        }
+    }
+}
