@@ -29,8 +29,7 @@ RUN apt-get update \
 COPY --from=build /out/balancer /usr/local/bin/balancer
 COPY config/ /etc/balancer/
 USER balancer
-ENV BALANCER_HOST=0.0.0.0 \
-    BALANCER_PORT=8080
+ENV BALANCER_HOST=0.0.0.0
 EXPOSE 8080
 STOPSIGNAL SIGTERM
 HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \

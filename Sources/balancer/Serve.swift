@@ -83,18 +83,9 @@ struct Serve: AsyncParsableCommand {
         }
         let logger = Logger(label: "balancer")
 
-        let eventLoopGroup: MultiThreadedEventLoopGroup
-        if configuration.threads == 0 {
-            eventLoopGroup = .singleton
-            // Run Swift concurrency's tasks on the event loops: no thread hop
-            // between a connection's task and its channel (measured in
-            // docs/SERVER-README-DRAFT.md).
-            if ProcessInfo.processInfo.environment["XNO_NIO_EXECUTOR"] == nil {
-                NIOSingletons.unsafeTryInstallSingletonPosixEventLoopGroupAsConcurrencyGlobalExecutor()
-            }
-        } else {
-            eventLoopGroup = MultiThreadedEventLoopGroup(numberOfThreads: configuration.threads)
-        }
+        let eventLoopGroup: MultiThreadedEventLoopGroup =
+            configuration.threads == 0
+            ? .singleton : MultiThreadedEventLoopGroup(numberOfThreads: configuration.threads)
         let balancer = Balancer(configuration: configuration.balancer)
         let server: HTTPServer
         do {
