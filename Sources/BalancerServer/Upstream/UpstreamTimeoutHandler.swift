@@ -1,0 +1,167 @@
+import NIOCore
+import NIOHTTP1
+
+/// The timeout of an upstream exchange that fired; the channel is closed after
+/// it is passed up the pipeline, so the response stream fails with it.
+enum UpstreamTimeout: Error, Sendable, Hashable {
+    /// No response head within the response-header timeout after the request ended.
+    case responseHead
+    /// The backend was silent for the idle timeout while we waited for response
+    /// body bytes, or did not drain our request body for that long.
+    case idle
+}
+
+/// Enforces the response-header and idle timeouts of one upstream connection.
+///
+/// It sits between the HTTP codec and the `NIOAsyncChannel` handlers and runs on
+/// the channel's event loop only, so its state needs no lock. It follows the
+/// exchange from the parts passing through:
+/// - request `.end` written: the response-head deadline starts (fixed, not reset
+///   by partial reads);
+/// - response head read: that deadline is cancelled, the body phase starts;
+/// - body phase: the idle clock runs only while a `read()` is outstanding (we
+///   asked the backend for bytes and none came). When the client is slow, the
+///   async channel withholds `read()` and the clock stops, so a slow client is
+///   never blamed on the backend;
+/// - request body phase: the idle clock runs only while the channel is not
+///   writable (the backend is not draining what we send);
+/// - response `.end` read: nothing runs (an idle keep-alive connection has no timer).
+final class UpstreamTimeoutHandler: ChannelDuplexHandler, RemovableChannelHandler {
+    typealias InboundIn = HTTPClientResponsePart
+    typealias InboundOut = HTTPClientResponsePart
+    typealias OutboundIn = HTTPClientRequestPart
+    typealias OutboundOut = HTTPClientRequestPart
+
+    private let responseHeaderTimeout: TimeAmount
+    private let idleTimeout: TimeAmount
+
+    /// Between request `.head` and request `.end`.
+    private var sendingRequest = false
+    /// Between request `.end` and the response head.
+    private var awaitingHead = false
+    /// Between the response head and the response `.end`.
+    private var receivingBody = false
+    /// When the outstanding `read()` in the body phase was issued; `nil` if none is outstanding.
+    private var readPendingSince: NIODeadline?
+    private var headTimer: Scheduled<Void>?
+    private var idleTimer: Scheduled<Void>?
+    private var stallTimer: Scheduled<Void>?
+
+    init(responseHeaderTimeout: TimeAmount, idleTimeout: TimeAmount) {
+        self.responseHeaderTimeout = responseHeaderTimeout
+        self.idleTimeout = idleTimeout
+    }
+
+    func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
+        switch unwrapOutboundIn(data) {
+        case .head:
+            sendingRequest = true
+            awaitingHead = false
+            receivingBody = false
+        case .body:
+            break
+        case .end:
+            sendingRequest = false
+            stallTimer?.cancel()
+            stallTimer = nil
+            if !receivingBody {
+                awaitingHead = true
+                armHeadTimer(context: context)
+            }
+        }
+        context.write(data, promise: promise)
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        switch unwrapInboundIn(data) {
+        case .head:
+            // Interim (1xx) responses are dropped by the decoder: this is the final head.
+            awaitingHead = false
+            headTimer?.cancel()
+            headTimer = nil
+            receivingBody = true
+            readPendingSince = nil
+        case .body:
+            readPendingSince = nil
+        case .end:
+            receivingBody = false
+            readPendingSince = nil
+            idleTimer?.cancel()
+            idleTimer = nil
+        }
+        context.fireChannelRead(data)
+    }
+
+    func read(context: ChannelHandlerContext) {
+        if receivingBody {
+            if readPendingSince == nil { readPendingSince = .now() }
+            if idleTimer == nil { armIdleTimer(context: context, at: .now() + idleTimeout) }
+        }
+        context.read()
+    }
+
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        if sendingRequest {
+            if context.channel.isWritable {
+                stallTimer?.cancel()
+                stallTimer = nil
+            } else if stallTimer == nil {
+                stallTimer = context.eventLoop.assumeIsolated().scheduleTask(in: idleTimeout) {
+                    self.stallTimer = nil
+                    self.fire(.idle, context: context)
+                }
+            }
+        }
+        context.fireChannelWritabilityChanged()
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        cancelTimers()
+        context.fireChannelInactive()
+    }
+
+    func handlerRemoved(context: ChannelHandlerContext) {
+        cancelTimers()
+    }
+
+    private func armHeadTimer(context: ChannelHandlerContext) {
+        headTimer?.cancel()
+        headTimer = context.eventLoop.assumeIsolated().scheduleTask(in: responseHeaderTimeout) {
+            self.headTimer = nil
+            if self.awaitingHead { self.fire(.responseHead, context: context) }
+        }
+    }
+
+    /// One timer per idle period rather than one per read: when it fires it checks
+    /// how long the current `read()` has been outstanding and re-arms for the rest.
+    private func armIdleTimer(context: ChannelHandlerContext, at deadline: NIODeadline) {
+        idleTimer = context.eventLoop.assumeIsolated().scheduleTask(deadline: deadline) {
+            self.idleTimer = nil
+            guard self.receivingBody, let since = self.readPendingSince else { return }
+            let expiry = since + self.idleTimeout
+            if expiry <= .now() {
+                self.fire(.idle, context: context)
+            } else {
+                self.armIdleTimer(context: context, at: expiry)
+            }
+        }
+    }
+
+    private func fire(_ timeout: UpstreamTimeout, context: ChannelHandlerContext) {
+        cancelTimers()
+        sendingRequest = false
+        awaitingHead = false
+        receivingBody = false
+        context.fireErrorCaught(timeout)
+        context.close(promise: nil)
+    }
+
+    private func cancelTimers() {
+        headTimer?.cancel()
+        idleTimer?.cancel()
+        stallTimer?.cancel()
+        headTimer = nil
+        idleTimer = nil
+        stallTimer = nil
+    }
+}

@@ -1,0 +1,301 @@
+import NIOCore
+import NIOHTTP1
+import NIOPosix
+import Synchronization
+
+/// A tiny HTTP/1.1 backend for the upstream tests, on 127.0.0.1.
+///
+/// In `.http` mode the path picks the behaviour:
+/// - `/echo`: answers at once and streams the request body back as it arrives
+///   (chunked); every request header comes back as `x-req-<name>`, plus
+///   `x-req-method` and `x-req-uri`.
+/// - `/bytes?n=N`: `N` bytes with `Content-Length`, written 64 KiB at a time
+///   with backpressure (``bytesWritten`` counts what was handed to the socket).
+/// - `/chunked?parts=P`: `P` chunks of `part-<i>;` without a length, then trailer `x-checksum: P`.
+/// - `/sink`: reads the body and answers `x-received-bytes`.
+/// - `/hang`: reads the request and never answers.
+/// - `/hang-body`: sends a head announcing 100 bytes, 10 of them, then nothing.
+/// - `/truncate`: sends a head announcing 1 000 000 bytes, 1000 of them, then closes.
+/// - `/close`: answers with `Connection: close` and closes.
+/// - `/hop`: answers with hop-by-hop headers that must not reach the client.
+/// - `/status?code=C`: answers status `C`.
+/// Every response carries `x-connection-id`, the number of the TCP connection.
+///
+/// `.garbage` answers any bytes with bytes that are not HTTP; `.neverAccept`
+/// listens with a backlog of 1 and never accepts, so connects beyond the backlog hang.
+final class UpstreamTestBackend: Sendable {
+    enum Mode: Sendable { case http, garbage, neverAccept }
+
+    let port: Int
+    private let serverChannel: any Channel
+    private let accepted: Atomic<Int>
+    private let written: Atomic<Int>
+    private let socketBytes: SocketWriteCounter.Total
+    private let children: Mutex<[ObjectIdentifier: any Channel]>
+    private let running: Mutex<Task<Void, Never>?>
+
+    /// TCP connections accepted so far.
+    var connectionsAccepted: Int { accepted.load(ordering: .relaxed) }
+    /// Response body bytes handed to the async writer by `/bytes`.
+    var bytesWritten: Int { written.load(ordering: .relaxed) }
+    /// Bytes of all responses the kernel has accepted on the backend's sockets (head and framing included).
+    var bytesWrittenToSockets: Int { socketBytes.value }
+
+    private init(port: Int, serverChannel: any Channel, socketBytes: SocketWriteCounter.Total = .init()) {
+        self.port = port
+        self.socketBytes = socketBytes
+        self.serverChannel = serverChannel
+        self.accepted = Atomic(0)
+        self.written = Atomic(0)
+        self.children = Mutex([:])
+        self.running = Mutex(nil)
+    }
+
+    /// Starts a backend on `port` (0 for an ephemeral one).
+    static func start(mode: Mode = .http, port: Int = 0) async throws -> UpstreamTestBackend {
+        let group = MultiThreadedEventLoopGroup.singleton
+        switch mode {
+        case .http:
+            let counter = SocketWriteCounter.Total()
+            let server = try await ServerBootstrap(group: group)
+                .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+                .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
+                .bind(host: "127.0.0.1", port: port) { channel in
+                    channel.eventLoop.makeCompletedFuture {
+                        try channel.pipeline.syncOperations.addHandler(SocketWriteCounter(counter))
+                        try channel.pipeline.syncOperations.configureHTTPServerPipeline()
+                        return try NIOAsyncChannel<HTTPServerRequestPart, HTTPServerResponsePart>(
+                            wrappingChannelSynchronously: channel
+                        )
+                    }
+                }
+            let backend = UpstreamTestBackend(
+                port: server.channel.localAddress!.port!, serverChannel: server.channel, socketBytes: counter)
+            let task = Task {
+                _ = try? await server.executeThenClose { inbound in
+                    await withDiscardingTaskGroup { group in
+                        do {
+                            for try await connection in inbound {
+                                let id = backend.accepted.add(1, ordering: .relaxed).newValue
+                                backend.track(connection.channel)
+                                group.addTask { await backend.serve(connection, id: id) }
+                            }
+                        } catch {}
+                    }
+                }
+            }
+            backend.running.withLock { $0 = task }
+            return backend
+        case .garbage:
+            let channel = try await ServerBootstrap(group: group)
+                .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+                .childChannelInitializer { channel in
+                    channel.eventLoop.makeCompletedFuture {
+                        try channel.pipeline.syncOperations.addHandler(GarbageHandler())
+                    }
+                }
+                .bind(host: "127.0.0.1", port: port).get()
+            return UpstreamTestBackend(port: channel.localAddress!.port!, serverChannel: channel)
+        case .neverAccept:
+            let channel = try await ServerBootstrap(group: group)
+                .serverChannelOption(.backlog, value: 1)
+                .serverChannelOption(.autoRead, value: false)
+                .bind(host: "127.0.0.1", port: port).get()
+            return UpstreamTestBackend(port: channel.localAddress!.port!, serverChannel: channel)
+        }
+    }
+
+    /// Stops listening, closes every open connection, and waits for the serving tasks.
+    func stop() async {
+        try? await serverChannel.close()
+        let open = children.withLock { Array($0.values) }
+        for channel in open { try? await channel.close() }
+        let task = running.withLock { $0 }
+        await task?.value
+    }
+
+    private func track(_ channel: any Channel) {
+        let key = ObjectIdentifier(channel)
+        children.withLock { $0[key] = channel }
+        channel.closeFuture.whenComplete { _ in
+            _ = self.children.withLock { $0.removeValue(forKey: key) }
+        }
+    }
+
+    // MARK: - Serving
+
+    private typealias Connection = NIOAsyncChannel<HTTPServerRequestPart, HTTPServerResponsePart>
+    private typealias Iterator = NIOAsyncChannelInboundStream<HTTPServerRequestPart>.AsyncIterator
+    private typealias Writer = NIOAsyncChannelOutboundWriter<HTTPServerResponsePart>
+
+    private func serve(_ connection: Connection, id: Int) async {
+        try? await connection.executeThenClose { inbound, outbound in
+            var requests = inbound.makeAsyncIterator()
+            while let part = try await requests.next() {
+                guard case .head(let head) = part else { continue }
+                let keepGoing = try await respond(to: head, id: id, requests: &requests, outbound: outbound)
+                if !keepGoing { return }
+            }
+        }
+    }
+
+    /// Answers one request; returns false when the connection must close.
+    private func respond(to head: HTTPRequestHead, id: Int, requests: inout Iterator, outbound: Writer) async throws -> Bool {
+        let (path, query) = Self.split(head.uri)
+        var headers = HTTPHeaders()
+        headers.add(name: "x-connection-id", value: String(id))
+        switch path {
+        case "/echo":
+            headers.add(name: "x-req-method", value: head.method.rawValue)
+            headers.add(name: "x-req-uri", value: head.uri)
+            for (name, value) in head.headers { headers.add(name: "x-req-\(name.lowercased())", value: value) }
+            try await outbound.write(.head(HTTPResponseHead(version: .http1_1, status: .ok, headers: headers)))
+            while let part = try await requests.next() {
+                switch part {
+                case .body(let buffer): try await outbound.write(.body(.byteBuffer(buffer)))
+                case .end: try await outbound.write(.end(nil)); return true
+                case .head: return false
+                }
+            }
+            return false
+        case "/bytes":
+            try await Self.drain(&requests)
+            let total = Int(query["n"] ?? "0") ?? 0
+            headers.add(name: "content-length", value: String(total))
+            try await outbound.write(.head(HTTPResponseHead(version: .http1_1, status: .ok, headers: headers)))
+            let chunk = ByteBuffer(repeating: UInt8(ascii: "x"), count: 64 * 1024)
+            var remaining = total
+            while remaining > 0 {
+                let size = min(remaining, chunk.readableBytes)
+                try await outbound.write(.body(.byteBuffer(chunk.getSlice(at: chunk.readerIndex, length: size)!)))
+                written.add(size, ordering: .relaxed)
+                remaining -= size
+            }
+            try await outbound.write(.end(nil))
+            return true
+        case "/chunked":
+            try await Self.drain(&requests)
+            let parts = Int(query["parts"] ?? "3") ?? 3
+            try await outbound.write(.head(HTTPResponseHead(version: .http1_1, status: .ok, headers: headers)))
+            for index in 0..<parts {
+                try await outbound.write(.body(.byteBuffer(ByteBuffer(string: "part-\(index);"))))
+            }
+            try await outbound.write(.end(["x-checksum": String(parts)]))
+            return true
+        case "/sink":
+            var received = 0
+            loop: while let part = try await requests.next() {
+                switch part {
+                case .body(let buffer): received += buffer.readableBytes
+                case .end: break loop
+                case .head: return false
+                }
+            }
+            headers.add(name: "x-received-bytes", value: String(received))
+            headers.add(name: "content-length", value: "0")
+            try await outbound.write(contentsOf: [.head(HTTPResponseHead(version: .http1_1, status: .ok, headers: headers)), .end(nil)])
+            return true
+        case "/hang":
+            try await Self.drain(&requests)
+            while try await requests.next() != nil {}
+            return false
+        case "/hang-body":
+            try await Self.drain(&requests)
+            headers.add(name: "content-length", value: "100")
+            try await outbound.write(.head(HTTPResponseHead(version: .http1_1, status: .ok, headers: headers)))
+            try await outbound.write(.body(.byteBuffer(ByteBuffer(repeating: 0x61, count: 10))))
+            while try await requests.next() != nil {}
+            return false
+        case "/truncate":
+            try await Self.drain(&requests)
+            headers.add(name: "content-length", value: "1000000")
+            try await outbound.write(.head(HTTPResponseHead(version: .http1_1, status: .ok, headers: headers)))
+            try await outbound.write(.body(.byteBuffer(ByteBuffer(repeating: 0x61, count: 1000))))
+            return false
+        case "/close":
+            try await Self.drain(&requests)
+            headers.add(name: "connection", value: "close")
+            headers.add(name: "content-length", value: "2")
+            try await outbound.write(contentsOf: [
+                .head(HTTPResponseHead(version: .http1_1, status: .ok, headers: headers)),
+                .body(.byteBuffer(ByteBuffer(string: "ok"))), .end(nil),
+            ])
+            return false
+        case "/hop":
+            try await Self.drain(&requests)
+            headers.add(name: "connection", value: "x-backend-hop")
+            headers.add(name: "x-backend-hop", value: "must not pass")
+            headers.add(name: "keep-alive", value: "timeout=5")
+            headers.add(name: "proxy-authenticate", value: "Basic realm=x")
+            headers.add(name: "trailer", value: "x-never")
+            headers.add(name: "upgrade", value: "h2c")
+            headers.add(name: "via", value: "1.1 backend")
+            headers.add(name: "x-end-to-end", value: "kept")
+            headers.add(name: "content-length", value: "3")
+            try await outbound.write(contentsOf: [
+                .head(HTTPResponseHead(version: .http1_1, status: .ok, headers: headers)),
+                .body(.byteBuffer(ByteBuffer(string: "hop"))), .end(nil),
+            ])
+            return true
+        default:
+            try await Self.drain(&requests)
+            let code = Int(query["code"] ?? "") ?? 404
+            headers.add(name: "content-length", value: "0")
+            try await outbound.write(contentsOf: [
+                .head(HTTPResponseHead(version: .http1_1, status: .init(statusCode: code), headers: headers)), .end(nil),
+            ])
+            return true
+        }
+    }
+
+    /// Reads the rest of the current request.
+    private static func drain(_ requests: inout Iterator) async throws {
+        while let part = try await requests.next() {
+            if case .end = part { return }
+        }
+    }
+
+    private static func split(_ uri: String) -> (path: String, query: [String: String]) {
+        guard let mark = uri.firstIndex(of: "?") else { return (uri, [:]) }
+        var query: [String: String] = [:]
+        for pair in uri[uri.index(after: mark)...].split(separator: "&") {
+            let parts = pair.split(separator: "=", maxSplits: 1)
+            query[String(parts[0])] = parts.count > 1 ? String(parts[1]) : ""
+        }
+        return (String(uri[..<mark]), query)
+    }
+}
+
+/// Counts the bytes whose socket writes completed: what really left the backend process.
+private final class SocketWriteCounter: ChannelOutboundHandler, RemovableChannelHandler {
+    typealias OutboundIn = IOData
+    typealias OutboundOut = IOData
+
+    final class Total: Sendable {
+        private let bytes = Atomic<Int>(0)
+        var value: Int { bytes.load(ordering: .relaxed) }
+        func add(_ count: Int) { bytes.add(count, ordering: .relaxed) }
+    }
+
+    private let total: Total
+    init(_ total: Total) { self.total = total }
+
+    func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
+        let count = unwrapOutboundIn(data).readableBytes
+        let promise = promise ?? context.eventLoop.makePromise()
+        let total = self.total
+        promise.futureResult.whenSuccess { total.add(count) }
+        context.write(data, promise: promise)
+    }
+}
+
+/// Answers whatever arrives with bytes that are not an HTTP response.
+private final class GarbageHandler: ChannelInboundHandler, Sendable {
+    typealias InboundIn = ByteBuffer
+    typealias OutboundOut = ByteBuffer
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        let garbage = ByteBuffer(string: "SSH-2.0-definitely not http\r\n\r\n")
+        context.writeAndFlush(wrapOutboundOut(garbage), promise: nil)
+    }
+}
