@@ -13,6 +13,12 @@ public enum Strategy: String, Sendable, CaseIterable, Codable {
     /// from one shared queue. It is least-loaded with a capacity of 1, so every
     /// request beyond one per worker waits in the backlog.
     case sharedQueue = "shared-queue"
+    /// Latency-aware: the worker with the least `pending + 1` times a
+    /// peak-sensitive moving average of its latency (Finagle's and Linkerd's
+    /// PeakEWMA), so a slowing worker gets less work before its queue shows it.
+    /// An exact minimum over the active workers rather than two random choices:
+    /// pools here are small.
+    case peakEWMA = "peak-ewma"
 }
 
 extension Balancer {
@@ -33,6 +39,9 @@ extension Balancer {
         public var strategy: Strategy
         /// Seed for ``Strategy/powerOfTwoChoices``, for repeatable experiments.
         public var seed: UInt64
+        /// How fast ``Strategy/peakEWMA`` forgets a latency peak (its time
+        /// constant: a sample's weight falls by e every this long).
+        public var latencyDecay: Duration
 
         /// - Parameters: see the properties; the defaults are those of `balancer serve`.
         public init(
@@ -41,7 +50,8 @@ extension Balancer {
             backlog: Int = 1024,
             queueTimeout: Duration = .seconds(5),
             strategy: Strategy = .leastLoaded,
-            seed: UInt64 = 0x5EED
+            seed: UInt64 = 0x5EED,
+            latencyDecay: Duration = .seconds(10)
         ) {
             self.workers = workers
             self.capacity = capacity
@@ -49,6 +59,7 @@ extension Balancer {
             self.queueTimeout = queueTimeout
             self.strategy = strategy
             self.seed = seed
+            self.latencyDecay = latencyDecay
         }
 
         /// The capacity the strategy actually uses.
@@ -61,6 +72,7 @@ extension Balancer {
             if capacity < 1 { problems.append("capacity must be 1 or more (got \(capacity))") }
             if backlog < 0 { problems.append("backlog must be 0 or more (got \(backlog))") }
             if queueTimeout <= .zero { problems.append("queueTimeout must be above zero (got \(queueTimeout))") }
+            if latencyDecay <= .zero { problems.append("latencyDecay must be above zero (got \(latencyDecay))") }
             return problems
         }
     }

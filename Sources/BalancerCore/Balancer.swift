@@ -32,6 +32,9 @@ public actor Balancer {
         var pendingMax = 0
         var completed = 0
         var failed = 0
+        /// Peak-EWMA latency estimate in seconds; `nil` until the first sample.
+        var latency: Double?
+        var lastSample = ContinuousClock.now
     }
 
     private enum Stage {
@@ -74,6 +77,7 @@ public actor Balancer {
     private var overloadedCount = 0
     private var queueTimeoutCount = 0
     private var shutDownCount = 0
+    private var unavailableCount = 0
 
     /// Creates a balancer with `configuration.workers` workers; they start with ``run()``.
     ///
@@ -101,7 +105,7 @@ public actor Balancer {
     public nonisolated func submit<Output: Sendable>(
         _ operation: @escaping @Sendable () async throws -> Output
     ) async throws -> Output {
-        try await send(Request(operation, timed: false)).value
+        try await send(Request(.plain(operation), timed: false)).value
     }
 
     /// ``submit(_:)``, also telling which worker ran the operation and how
@@ -109,7 +113,17 @@ public actor Balancer {
     public nonisolated func submitWithReceipt<Output: Sendable>(
         _ operation: @escaping @Sendable () async throws -> Output
     ) async throws -> Receipt<Output> {
-        try await send(Request(operation, timed: true))
+        try await send(Request(.plain(operation), timed: true))
+    }
+
+    /// ``submitWithReceipt(_:)`` for an operation that is given the id of the
+    /// worker running it. A worker runs one request at a time, so it can own a
+    /// resource that only it uses (an upstream pool's worker owns one
+    /// connection to its backend).
+    public nonisolated func submitOnWorker<Output: Sendable>(
+        _ operation: @escaping @Sendable (_ worker: Int) async throws -> Output
+    ) async throws -> Receipt<Output> {
+        try await send(Request(.onWorker(operation), timed: true))
     }
 
     private nonisolated func send<Output: Sendable>(_ request: Request<Output>) async throws -> Receipt<Output> {
@@ -196,6 +210,8 @@ public actor Balancer {
             finish(request, with: .cancelled)
         } else if stage == .stopped || stage == .closing {
             finish(request, with: .shuttingDown)
+        } else if activeIDs.isEmpty {
+            finish(request, with: .unavailable)
         } else if backlog.isEmpty, let position = choose() {
             dispatch(request, toWorkerAt: position)
         } else if backlog.count < configuration.backlog {
@@ -237,6 +253,9 @@ public actor Balancer {
             failedCount += 1
         case .dropped:
             answeredWhileRunning -= 1
+        }
+        if let ran = done.ran {
+            recordLatency(ran, of: id)
         }
         releasePending(of: id)
     }
@@ -286,7 +305,49 @@ public actor Balancer {
             if pool.pending(of: pool.id(at: better)) < capacity { return better }
             // Both sampled workers are full; the least loaded may still have room.
             return pool.pending(of: pool.id(at: 0)) < capacity ? 0 : nil
+        case .peakEWMA:
+            return leastCostly()
         }
+    }
+
+    /// Peak-EWMA's choice: the active worker with room whose
+    /// `latency x (pending + 1)` is least (ties: fewer pending, then lower id).
+    /// A worker with no sample yet is costed at the mean of those with one.
+    private func leastCostly() -> Int? {
+        var known = 0.0
+        var count = 0
+        for id in activeIDs {
+            if let latency = slots[id].unsafelyUnwrapped.latency {
+                known += latency
+                count += 1
+            }
+        }
+        let unknown = count > 0 ? known / Double(count) : 0
+        var best: (cost: Double, pending: Int, id: Int)?
+        for id in activeIDs {
+            let pending = pool.pending(of: id)
+            guard pending < capacity else { continue }
+            let cost = (slots[id].unsafelyUnwrapped.latency ?? unknown) * Double(pending + 1)
+            if let current = best, (current.cost, current.pending, current.id) <= (cost, pending, id) { continue }
+            best = (cost, pending, id)
+        }
+        return best.flatMap { pool[$0.id]?.index }
+    }
+
+    /// Folds a latency sample into worker `id`'s peak-EWMA: a sample above
+    /// the estimate replaces it at once; below it, the estimate decays toward
+    /// the sample with weight `exp(-elapsed / latencyDecay)`.
+    private func recordLatency(_ ran: Duration, of id: Int) {
+        guard slots.indices.contains(id), let slot = slots[id] else { return }
+        let sample = ran.seconds
+        let now = ContinuousClock.now
+        if let estimate = slot.latency, sample < estimate {
+            let weight = decayWeight((now - slot.lastSample).seconds / configuration.latencyDecay.seconds)
+            slots[id]!.latency = estimate * weight + sample * (1 - weight)
+        } else {
+            slots[id]!.latency = sample
+        }
+        slots[id]!.lastSample = now
     }
 
     /// Moves backlog requests, oldest first, to workers with room.
@@ -309,6 +370,7 @@ public actor Balancer {
         case .queueTimeout: queueTimeoutCount += 1
         case .cancelled: cancelledCount += 1
         case .shuttingDown: shutDownCount += 1
+        case .unavailable: unavailableCount += 1
         }
     }
 
@@ -427,8 +489,9 @@ public actor Balancer {
     private func startTask(for worker: Worker) {
         liveTasks += 1
         let inbox = self.inbox
+        let measuring = configuration.strategy == .peakEWMA
         Task.detached(priority: priority) {
-            await worker.run(reportingTo: inbox)
+            await worker.run(reportingTo: inbox, measuring: measuring)
         }
     }
 
@@ -462,21 +525,53 @@ public actor Balancer {
         } else {
             slots[id]!.state = .removing
         }
-        let queued = slot.worker.withdrawAll()
-        if !queued.isEmpty {
-            pool.addPending(-queued.count, to: id)
-            pendingTotal -= queued.count
-            let deadline = ContinuousClock.now + configuration.queueTimeout
-            for request in queued.reversed() {
-                request.phase = .backlog
-                request.deadline = deadline
-                backlog.prepend(request)
-            }
-        }
+        requeueQueued(of: slot.worker)
         if pool.pending(of: id) == 0 { leave(id) }
         drainBacklog()
-        armExpiryTimer()
         return true
+    }
+
+    /// Marks worker `id` down (a failed health check): it leaves the heap, its
+    /// queued requests go back to the front of the backlog and on to other
+    /// workers, its running request finishes. Returns false unless it was active.
+    @discardableResult
+    public func markDown(_ id: Int) -> Bool {
+        guard let slot = slots.indices.contains(id) ? slots[id] : nil,
+            takeOutOfRotation(id, becoming: .down)
+        else { return false }
+        requeueQueued(of: slot.worker)
+        drainBacklog()
+        return true
+    }
+
+    /// Marks a down worker up again: it rejoins the heap and takes work at
+    /// once, backlog first. Returns false unless it was down.
+    @discardableResult
+    public func markUp(_ id: Int) -> Bool {
+        guard slots.indices.contains(id), slots[id]?.state == .down else { return false }
+        slots[id]!.state = .active
+        pool.push(id)
+        activeIDs.insert(id, at: activeIDs.firstIndex { $0 > id } ?? activeIDs.endIndex)
+        drainBacklog()
+        return true
+    }
+
+    /// Takes back the requests queued on `worker` that have not started and
+    /// puts them, in order, at the front of the backlog with a fresh deadline:
+    /// they were admitted before anything waiting there. The backlog may pass
+    /// its limit for them; none is lost.
+    private func requeueQueued(of worker: Worker) {
+        let queued = worker.withdrawAll()
+        guard !queued.isEmpty else { return }
+        pool.addPending(-queued.count, to: worker.id)
+        pendingTotal -= queued.count
+        let deadline = ContinuousClock.now + configuration.queueTimeout
+        for request in queued.reversed() {
+            request.phase = .backlog
+            request.deadline = deadline
+            backlog.prepend(request)
+        }
+        armExpiryTimer()
     }
 
     /// Takes an active worker out of the heap and round-robin's order.
@@ -518,7 +613,8 @@ public actor Balancer {
                 pending: pool.pending(of: slot.worker.id),
                 pendingMax: slot.pendingMax,
                 completed: slot.completed,
-                failed: slot.failed
+                failed: slot.failed,
+                latencyEstimate: slot.latency.map { .nanoseconds(Int64($0 * 1e9)) }
             )
         }
         return BalancerStats(
@@ -535,6 +631,7 @@ public actor Balancer {
             overloaded: overloadedCount,
             queueTimeouts: queueTimeoutCount,
             shutDown: shutDownCount + refused,
+            unavailable: unavailableCount,
             inFlight: backlog.count + pendingTotal - answeredWhileRunning,
             shuttingDown: stage != .running
         )
@@ -543,6 +640,23 @@ public actor Balancer {
     /// Whether the pool's heap is in order with every index right. For tests.
     public func poolIsValid() -> Bool {
         pool.isValid
+    }
+}
+
+/// `exp(-x)` for `x >= 0`, as `(1 - x/1024)^1024`: within 0.1% of it where
+/// the weight matters, with no libm (the core imports no C library).
+func decayWeight(_ x: Double) -> Double {
+    guard x < 1024 else { return 0 }
+    var y = 1 - x / 1024
+    for _ in 0..<10 { y *= y }
+    return y
+}
+
+extension Duration {
+    /// The duration in seconds, as a `Double`.
+    var seconds: Double {
+        let (seconds, attoseconds) = components
+        return Double(seconds) + Double(attoseconds) * 1e-18
     }
 }
 

@@ -14,6 +14,9 @@ public enum BalancerError: Error, Sendable, Hashable, CustomStringConvertible {
     /// The balancer was shutting down: the request was not admitted, or it had
     /// not finished when the shutdown deadline passed.
     case shuttingDown
+    /// No worker could take work at all (every one is down, draining or
+    /// removed): refused at once rather than left to wait out the queue timeout.
+    case unavailable
 
     /// A stable machine-readable code (`overloaded`, `queue_timeout`, ...).
     public var code: String {
@@ -22,6 +25,7 @@ public enum BalancerError: Error, Sendable, Hashable, CustomStringConvertible {
         case .queueTimeout: "queue_timeout"
         case .cancelled: "cancelled"
         case .shuttingDown: "shutting_down"
+        case .unavailable: "unavailable"
         }
     }
 
@@ -35,6 +39,8 @@ public enum BalancerError: Error, Sendable, Hashable, CustomStringConvertible {
             "the request was cancelled by its requester"
         case .shuttingDown:
             "the balancer is shutting down and takes no more work"
+        case .unavailable:
+            "no worker is available: every worker is down, draining or removed"
         }
     }
 }

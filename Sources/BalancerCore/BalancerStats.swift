@@ -4,7 +4,7 @@
 ///
 /// Totals count how each request ended, as its requester saw it:
 /// `submitted == completed + failed + cancelled + overloaded + queueTimeouts +
-/// shutDown + inFlight` at any snapshot.
+/// shutDown + unavailable + inFlight` at any snapshot.
 public struct BalancerStats: Sendable, Equatable {
     /// A worker's state.
     public enum WorkerState: String, Sendable {
@@ -15,6 +15,9 @@ public struct BalancerStats: Sendable, Equatable {
         /// Removed: its queued requests went back to the balancer; it leaves the
         /// pool when its running request ends.
         case removing
+        /// Marked down (a failed health check): out of the heap, its queued
+        /// requests went back to the balancer; it returns when marked up.
+        case down
     }
 
     /// One worker's figures.
@@ -29,6 +32,9 @@ public struct BalancerStats: Sendable, Equatable {
         public var completed: Int
         /// Requests whose operation threw on this worker.
         public var failed: Int
+        /// The peak-EWMA latency estimate, for ``Strategy/peakEWMA``; `nil`
+        /// before the first sample or under other strategies.
+        public var latencyEstimate: Duration? = nil
     }
 
     public var strategy: Strategy
@@ -56,6 +62,8 @@ public struct BalancerStats: Sendable, Equatable {
     public var queueTimeouts: Int
     /// Ended with ``BalancerError/shuttingDown``.
     public var shutDown: Int
+    /// Ended with ``BalancerError/unavailable``.
+    public var unavailable: Int = 0
     /// Admitted and not yet answered: in the backlog or pending on a worker.
     public var inFlight: Int
 

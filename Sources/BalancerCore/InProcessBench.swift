@@ -12,8 +12,7 @@ public enum InProcessBench {
         public var elapsed: Duration
 
         public var requestsPerSecond: Double {
-            let seconds = Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18
-            return seconds > 0 ? Double(requests) / seconds : 0
+            elapsed > .zero ? Double(requests) / elapsed.seconds : 0
         }
     }
 

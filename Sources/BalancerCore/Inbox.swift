@@ -31,6 +31,8 @@ final class Inbox: Sendable {
     struct Done {
         let worker: Worker
         let outcome: Outcome
+        /// How long the operation ran, when the strategy needs latency.
+        let ran: Duration?
     }
 
     enum Control {
@@ -76,8 +78,8 @@ final class Inbox: Sendable {
     }
 
     /// A worker reports on `done`.
-    func done(_ worker: Worker, _ outcome: Outcome) {
-        post { $0.done.append(Done(worker: worker, outcome: outcome)) }
+    func done(_ worker: Worker, _ outcome: Outcome, ran: Duration?) {
+        post { $0.done.append(Done(worker: worker, outcome: outcome, ran: ran)) }
     }
 
     /// A requester was cancelled.

@@ -83,11 +83,17 @@ class AnyRequest: @unchecked Sendable {
 /// has already been answered, and the worker's later result is dropped rather
 /// than blocking or leaking.
 final class Request<Output: Sendable>: AnyRequest, @unchecked Sendable {
-    let operation: @Sendable () async throws -> Output
+    /// The operation, with or without the id of the worker that runs it.
+    enum Operation {
+        case plain(@Sendable () async throws -> Output)
+        case onWorker(@Sendable (Int) async throws -> Output)
+    }
+
+    let operation: Operation
     /// Set once by `submit` before the request is published to the balancer.
     var reply: UnsafeContinuation<Receipt<Output>, any Error>?
 
-    init(_ operation: @escaping @Sendable () async throws -> Output, timed: Bool) {
+    init(_ operation: Operation, timed: Bool) {
         self.operation = operation
         super.init(timed: timed)
     }
@@ -95,7 +101,11 @@ final class Request<Output: Sendable>: AnyRequest, @unchecked Sendable {
     override func run(on worker: Int) async -> Outcome {
         let started = submittedAt == nil ? nil : ContinuousClock.now
         do {
-            let value = try await operation()
+            let value: Output
+            switch operation {
+            case .plain(let operation): value = try await operation()
+            case .onWorker(let operation): value = try await operation(worker)
+            }
             guard claim() else { return .dropped }
             var receipt = Receipt(value: value, worker: worker, queued: .zero, ran: .zero)
             if let submittedAt, let started {

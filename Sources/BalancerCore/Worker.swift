@@ -131,11 +131,16 @@ final class Worker: Sendable {
 
     /// The worker task's loop. Returns when the channel is closed or the task
     /// was retired after a cancellation; it reports which on `inbox`.
-    func run(reportingTo inbox: Inbox) async {
+    func run(reportingTo inbox: Inbox, measuring: Bool) async {
         var next = await take()
         while case .run(let request) = next {
-            let outcome = await request.run(on: id)
-            inbox.done(self, outcome)
+            if measuring {
+                let start = ContinuousClock.now
+                let outcome = await request.run(on: id)
+                inbox.done(self, outcome, ran: ContinuousClock.now - start)
+            } else {
+                inbox.done(self, await request.run(on: id), ran: nil)
+            }
             next = await take()
         }
         if case .retired = next {

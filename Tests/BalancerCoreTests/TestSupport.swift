@@ -28,6 +28,17 @@ final class Gate: Sendable {
     }
 }
 
+/// A value shared by tasks under a lock.
+final class Shared<Value: Sendable>: Sendable {
+    private let mutex: Mutex<Value>
+
+    init(_ value: Value) { mutex = Mutex(value) }
+
+    func withLock<Result: Sendable>(_ body: (inout Value) -> Result) -> Result {
+        mutex.withLock { body(&$0) }
+    }
+}
+
 /// A thread-safe counter and log for what operations did.
 final class Recorder: Sendable {
     private let events = Mutex<[String]>([])
@@ -81,7 +92,9 @@ func withRunning<T: Sendable>(
 
 /// The accounting every snapshot must satisfy.
 func checkAccounting(_ stats: BalancerStats, sourceLocation: SourceLocation = #_sourceLocation) {
-    let ended = stats.completed + stats.failed + stats.cancelled + stats.overloaded + stats.queueTimeouts + stats.shutDown
+    let ended =
+        stats.completed + stats.failed + stats.cancelled + stats.overloaded + stats.queueTimeouts + stats.shutDown
+        + stats.unavailable
     #expect(stats.submitted == ended + stats.inFlight, "\(stats)", sourceLocation: sourceLocation)
     #expect(stats.workers.allSatisfy { $0.pending >= 0 && $0.pending <= stats.capacity }, sourceLocation: sourceLocation)
 }

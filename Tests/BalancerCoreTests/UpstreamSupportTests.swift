@@ -1,0 +1,163 @@
+import Synchronization
+import Testing
+
+@testable import BalancerCore
+
+/// What upstream pools need from the core: operations that know their worker,
+/// workers marked down and up by health checks, and a latency-aware strategy.
+@Suite("worker-aware operations, down and up, peak-EWMA")
+struct UpstreamSupportTests {
+    @Test("an operation learns its worker, and a worker runs one operation at a time")
+    func operationsOwnTheirWorker() async throws {
+        let workers = 4
+        let inUse = Shared([Int](repeating: 0, count: workers))
+        let overlaps = Shared(0)
+        let balancer = Balancer(configuration: .init(workers: workers, capacity: 3))
+        try await withRunning(balancer) { balancer in
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                for _ in 0..<16 {
+                    group.addTask {
+                        for _ in 0..<100 {
+                            let receipt = try await balancer.submitOnWorker { worker -> Int in
+                                let before = inUse.withLock { inUse in
+                                    defer { inUse[worker] += 1 }
+                                    return inUse[worker]
+                                }
+                                if before != 0 { overlaps.withLock { $0 += 1 } }
+                                await Task.yield()
+                                inUse.withLock { $0[worker] -= 1 }
+                                return worker
+                            }
+                            #expect(receipt.value == receipt.worker)
+                        }
+                    }
+                }
+                try await group.waitForAll()
+            }
+        }
+        #expect(overlaps.withLock { $0 } == 0, "a worker's resource is never used by two operations at once")
+    }
+
+    @Test("a worker marked down leaves the heap, its queued requests move, and it returns when marked up")
+    func markDownAndUp() async throws {
+        let balancer = Balancer(configuration: .init(workers: 2, capacity: 4, backlog: 8, strategy: .roundRobin))
+        let held = HeldOperations()
+        try await withRunning(balancer) { balancer in
+            try await withThrowingTaskGroup(of: Int.self) { group in
+                for i in 0..<4 {
+                    group.addTask { try await balancer.submitWithReceipt(held.operation()).worker }
+                    await eventually(balancer) { $0.inFlight == i + 1 }
+                }
+                while held.runningCount < 2 { try await Task.sleep(for: .milliseconds(1)) }
+                #expect((await balancer.stats()).workers.map(\.pending) == [2, 2])
+
+                #expect(await balancer.markDown(0))
+                #expect(!(await balancer.markDown(0)), "already down")
+                var stats = await balancer.stats()
+                #expect(stats.workers.map(\.state) == [.down, .active])
+                #expect(stats.workers.map(\.pending) == [1, 3], "worker 0 keeps its running request; its queued one moved")
+                #expect(await balancer.poolIsValid())
+
+                // New work goes only to the active worker.
+                group.addTask { try await balancer.submitWithReceipt(held.operation()).worker }
+                stats = await eventually(balancer) { $0.inFlight == 5 }
+                #expect(stats.workers.map(\.pending) == [1, 4])
+
+                #expect(await balancer.markUp(0))
+                #expect(!(await balancer.markUp(0)), "already up")
+                #expect(await balancer.poolIsValid())
+                group.addTask { try await balancer.submitWithReceipt(held.operation()).worker }
+                stats = await eventually(balancer) { $0.inFlight == 6 }
+                #expect(stats.workers.map(\.pending) == [2, 4], "back in rotation")
+                #expect(stats.workers.map(\.state) == [.active, .active])
+
+                while (await balancer.stats()).inFlight > 0 {
+                    _ = held.releaseOne { _ in 0 }
+                    try await Task.sleep(for: .milliseconds(1))
+                }
+                var workers: [Int] = []
+                for try await worker in group { workers.append(worker) }
+                #expect(workers.sorted() == [0, 0, 1, 1, 1, 1])
+            }
+            checkAccounting(await balancer.stats())
+        }
+    }
+
+    @Test("with every worker down, a request is refused as unavailable at once; queued ones wait for a worker")
+    func allDownIsUnavailable() async throws {
+        let balancer = Balancer(configuration: .init(workers: 2, capacity: 1, backlog: 4, queueTimeout: .seconds(30)))
+        let held = HeldOperations()
+        try await withRunning(balancer) { balancer in
+            let running = (0..<3).map { _ in Task { try await balancer.submitWithReceipt(held.operation()) } }
+            await eventually(balancer) { $0.inFlight == 3 && $0.backlogDepth == 1 }
+            #expect(await balancer.markDown(0))
+            #expect(await balancer.markDown(1))
+            await #expect(throws: BalancerError.unavailable) { try await balancer.submit { 1 } }
+            #expect((await balancer.stats()).backlogDepth == 1, "the queued request still waits")
+
+            #expect(await balancer.markUp(1))
+            while (await balancer.stats()).inFlight > 0 {
+                _ = held.releaseOne { _ in 0 }
+                try await Task.sleep(for: .milliseconds(1))
+            }
+            for request in running { _ = try await request.value }
+            let stats = await balancer.stats()
+            #expect(stats.unavailable == 1)
+            #expect(stats.completed == 3)
+            checkAccounting(stats)
+        }
+    }
+
+    @Test("peak-EWMA gives a slow worker less work than least-loaded does")
+    func peakEWMAAvoidsTheSlowWorker() async throws {
+        func share(of strategy: Strategy) async throws -> (slow: Int, fast: Int) {
+            let balancer = Balancer(configuration: .init(workers: 4, capacity: 8, strategy: strategy))
+            return try await withRunning(balancer) { balancer in
+                try await withThrowingTaskGroup(of: Void.self) { group in
+                    for _ in 0..<8 {
+                        group.addTask {
+                            for _ in 0..<40 {
+                                _ = try await balancer.submitOnWorker { worker in
+                                    try await Task.sleep(for: .milliseconds(worker == 0 ? 20 : 1))
+                                }
+                            }
+                        }
+                    }
+                    try await group.waitForAll()
+                }
+                let stats = await balancer.stats()
+                let slow = stats.workers[0].completed
+                return (slow, stats.workers.dropFirst().reduce(0) { $0 + $1.completed } / 3)
+            }
+        }
+        let ewma = try await share(of: .peakEWMA)
+        let leastLoaded = try await share(of: .leastLoaded)
+        #expect(ewma.slow * 4 < ewma.fast, "peak-EWMA: slow worker \(ewma.slow), fast workers \(ewma.fast) each")
+        #expect(ewma.slow < leastLoaded.slow, "peak-EWMA \(ewma.slow) vs least-loaded \(leastLoaded.slow) on the slow worker")
+    }
+
+    @Test("the peak-EWMA estimate jumps to a peak and decays toward later samples")
+    func latencyEstimateIsPeakSensitive() async throws {
+        let balancer = Balancer(
+            configuration: .init(workers: 1, strategy: .peakEWMA, latencyDecay: .milliseconds(50))
+        )
+        try await withRunning(balancer) { balancer in
+            _ = try await balancer.submit { try await Task.sleep(for: .milliseconds(30)) }
+            let peak = await eventually(balancer) { $0.workers[0].latencyEstimate != nil }.workers[0].latencyEstimate!
+            #expect(peak >= .milliseconds(30))
+            try await Task.sleep(for: .milliseconds(200))
+            for _ in 0..<5 { _ = try await balancer.submit { 1 } }
+            let later = await eventually(balancer) { $0.completed == 6 }.workers[0].latencyEstimate!
+            #expect(later < peak / 4, "after four time constants the peak has mostly decayed: \(later) vs \(peak)")
+        }
+    }
+
+    @Test("decayWeight approximates exp(-x)")
+    func decayWeightApproximatesExp() {
+        let expected: [(Double, Double)] = [(0, 1), (0.5, 0.606_530_66), (1, 0.367_879_44), (2, 0.135_335_28), (5, 0.006_737_95)]
+        for (x, value) in expected {
+            #expect(abs(decayWeight(x) - value) < value * 0.02 + 1e-4, "x = \(x)")
+        }
+        #expect(decayWeight(2000) == 0)
+    }
+}
