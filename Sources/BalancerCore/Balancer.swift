@@ -261,7 +261,8 @@ public actor Balancer {
     }
 
     /// `pending -= 1` for worker `id`, keeping heap order; a draining or removed
-    /// worker whose pending reaches zero leaves the pool.
+    /// worker whose pending reaches zero leaves the pool (a down one stays, to
+    /// come back when marked up).
     private func releasePending(of id: Int) {
         if let position = pool[id]?.index {
             pool.remove(at: position)
@@ -269,7 +270,7 @@ public actor Balancer {
             pool.push(id)
         } else {
             pool.addPending(-1, to: id)
-            if pool.pending(of: id) == 0, let slot = slots[id], slot.state != .active {
+            if pool.pending(of: id) == 0, let state = slots[id]?.state, state == .draining || state == .removing {
                 leave(id)
             }
         }

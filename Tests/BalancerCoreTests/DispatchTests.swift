@@ -5,7 +5,7 @@ import Testing
 
 /// Operations that hold their worker until the test releases them, one by one.
 final class HeldOperations: Sendable {
-    private let running = Mutex<[Gate]>([])
+    private let running = Locked<[Gate]>([])
 
     /// An operation that registers its gate when it starts and ends when the test opens it.
     func operation() -> @Sendable () async throws -> Int {

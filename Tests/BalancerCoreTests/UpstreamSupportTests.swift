@@ -78,6 +78,21 @@ struct UpstreamSupportTests {
                 var workers: [Int] = []
                 for try await worker in group { workers.append(worker) }
                 #expect(workers.sorted() == [0, 0, 1, 1, 1, 1])
+
+                // A worker marked down while running, whose last request then ends,
+                // stays in the pool, down, until marked up.
+                group.addTask { try await balancer.submitWithReceipt(held.operation()).worker }
+                let busy = await eventually(balancer) { $0.inFlight == 1 }.workers.first { $0.pending == 1 }!.id
+                #expect(await balancer.markDown(busy))
+                while (await balancer.stats()).inFlight > 0 {
+                    _ = held.releaseOne { _ in 0 }
+                    try await Task.sleep(for: .milliseconds(1))
+                }
+                _ = try await group.next()
+                let idle = await balancer.stats()
+                #expect(idle.workers.map(\.id) == [0, 1])
+                #expect(idle.workers.first { $0.id == busy }?.state == .down)
+                #expect(await balancer.markUp(busy))
             }
             checkAccounting(await balancer.stats())
         }
