@@ -132,7 +132,7 @@ extension ServerConfiguration {
             do {
                 try key.set(&config, .text(value))
             } catch {
-                throw ConfigurationError("\(variable): \(error.message)")
+                throw ConfigurationError("\(variable): \(error.message.droppingPrefix(key.name + ": "))")
             }
         }
 
@@ -141,7 +141,7 @@ extension ServerConfiguration {
             do {
                 try key.set(&config, .text(value))
             } catch {
-                throw ConfigurationError("\(key.flag): \(error.message)")
+                throw ConfigurationError("\(key.flag): \(error.message.droppingPrefix(key.name + ": "))")
             }
         }
         let problems = config.balancer.problems
@@ -190,6 +190,10 @@ extension ServerConfiguration.RawValue {
 }
 
 extension String {
+    fileprivate func droppingPrefix(_ prefix: String) -> String {
+        hasPrefix(prefix) ? String(dropFirst(prefix.count)) : self
+    }
+
     fileprivate func trimmingWhitespace() -> Substring {
         let isSpace: (Character) -> Bool = { $0 == " " || $0 == "\t" || $0 == "\n" || $0 == "\r" }
         guard let first = firstIndex(where: { !isSpace($0) }), let last = lastIndex(where: { !isSpace($0) }) else {
