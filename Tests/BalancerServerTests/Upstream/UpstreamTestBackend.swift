@@ -114,6 +114,13 @@ final class UpstreamTestBackend: Sendable {
         await task?.value
     }
 
+    /// Closes every open connection but keeps listening: a backend whose
+    /// keep-alive timeout ran out.
+    func closeClientConnections() async {
+        let open = children.withLock { Array($0.values) }
+        for channel in open { try? await channel.close() }
+    }
+
     private func track(_ channel: any Channel) {
         let key = ObjectIdentifier(channel)
         children.withLock { $0[key] = channel }
