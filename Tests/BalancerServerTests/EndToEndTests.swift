@@ -24,12 +24,18 @@ final class ServeProcess: @unchecked Sendable {
     let logURL: URL
     private(set) var port = 0
 
-    init(_ arguments: [String], environment: [String: String] = [:]) throws {
+    /// - Parameter asPID1: run it as PID 1 of a new PID namespace, as in a container.
+    init(_ arguments: [String], environment: [String: String] = [:], asPID1: Bool = false) throws {
         let binary = try #require(balancerBinary, "build the balancer executable first: swift build")
         logURL = FileManager.default.temporaryDirectory.appendingPathComponent("balancer-e2e-\(UUID().uuidString).log")
         _ = FileManager.default.createFile(atPath: logURL.path, contents: nil)
-        process.executableURL = binary
-        process.arguments = ["serve"] + arguments
+        if asPID1 {
+            process.executableURL = URL(fileURLWithPath: "/usr/bin/unshare")
+            process.arguments = ["--pid", "--fork", "--mount-proc", binary.path, "serve"] + arguments
+        } else {
+            process.executableURL = binary
+            process.arguments = ["serve"] + arguments
+        }
         var env = ProcessInfo.processInfo.environment.filter { !$0.key.hasPrefix("BALANCER_") }
         env.merge(environment) { _, new in new }
         process.environment = env
@@ -68,11 +74,31 @@ final class ServeProcess: @unchecked Sendable {
 
     func stop() {
         if process.isRunning {
+            if let child = try? childPID(of: process.processIdentifier) { kill(child, SIGKILL) }
             kill(process.processIdentifier, SIGKILL)
             process.waitUntilExit()
         }
         try? FileManager.default.removeItem(at: logURL)
     }
+}
+
+/// Whether this process may make a PID namespace (root, util-linux unshare).
+let canUnsharePID: Bool = {
+    guard FileManager.default.isExecutableFile(atPath: "/usr/bin/unshare") else { return false }
+    let process = Process()
+    process.executableURL = URL(fileURLWithPath: "/usr/bin/unshare")
+    process.arguments = ["--pid", "--fork", "--mount-proc", "/bin/true"]
+    process.standardOutput = FileHandle.nullDevice
+    process.standardError = FileHandle.nullDevice
+    guard (try? process.run()) != nil else { return false }
+    process.waitUntilExit()
+    return process.terminationStatus == 0
+}()
+
+/// The first child of process `pid`, from /proc.
+func childPID(of pid: Int32) throws -> Int32? {
+    let children = try String(contentsOfFile: "/proc/\(pid)/task/\(pid)/children", encoding: .utf8)
+    return children.split(separator: " ").first.flatMap { Int32($0) }
 }
 
 /// Runs `arguments` and returns (exit status, stdout + stderr).
@@ -178,6 +204,29 @@ struct EndToEndTests {
         }
         #expect(try await server.waitForExit() == 0, "log: \(server.log)")
         #expect(server.log.contains("draining"))
+    }
+
+    @Test(
+        "as PID 1 of its own PID namespace (as in a container), SIGTERM still drains and exits 0",
+        .enabled(if: canUnsharePID)
+    )
+    func sigtermAsPID1() async throws {
+        let server = try ServeProcess(["--port", "0"], asPID1: true)
+        defer { server.stop() }
+        try await server.start()
+        // The balancer is the child of unshare, and PID 1 inside the namespace.
+        let child = try #require(try childPID(of: server.process.processIdentifier))
+        let status = try String(contentsOfFile: "/proc/\(child)/status", encoding: .utf8)
+        #expect(status.split(separator: "\n").contains { $0.hasPrefix("NSpid:") && $0.hasSuffix("\t1") })
+        let url = server.url("/jobs")
+        async let job = request(url, method: "POST", body: #"{"op":"sleep","ms":500}"#)
+        #expect(try await eventually {
+            let stats = try await request(server.url("/stats")).json
+            return ((stats["totals"] as? [String: Any])?["in_flight"] as? NSNumber)?.intValue == 1
+        })
+        kill(child, SIGTERM)
+        #expect(try await job.status == 200)
+        #expect(try await server.waitForExit() == 0, "log: \(server.log)")
     }
 
     @Test("a bad value stops start-up with a message naming the key and a non-zero exit")

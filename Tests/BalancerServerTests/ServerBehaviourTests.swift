@@ -228,6 +228,25 @@ struct ServerBehaviourTests {
         }
     }
 
+    @Test("when the grace period ends, the jobs still running are answered 503 shutting_down")
+    func gracePeriodEnds() async throws {
+        try await withServer({ $0.gracePeriodMilliseconds = 300 }) { server in
+            try await withRawConnection(port: server.port) { connection in
+                let job = #"{"op":"sleep","ms":5000}"#
+                try await connection.send("POST /jobs HTTP/1.1\r\nHost: x\r\nContent-Length: \(job.utf8.count)\r\n\r\n\(job)")
+                #expect(try await eventually { await server.balancer.stats().inFlight == 1 })
+                let clock = ContinuousClock()
+                let start = clock.now
+                await server.group.triggerGracefulShutdown()
+                let response = try #require(try await connection.readResponse())
+                #expect(response.status == 503)
+                #expect(response.errorCode == "shutting_down")
+                #expect(response.headers["connection"] == "close")
+                #expect(clock.now - start < .seconds(3))
+            }
+        }
+    }
+
     @Test("max_connections: one more connection is answered 503 and closed")
     func maxConnections() async throws {
         try await withServer({ $0.maxConnections = 2 }) { server in
