@@ -31,6 +31,8 @@ WORKDIR /src
 COPY Package.swift ./
 RUN swift package resolve
 COPY Sources ./Sources
+# The manifest declares the test targets too; their folders must exist.
+COPY Tests ./Tests
 RUN swift build -c release --static-swift-stdlib --product balancer \
     && install -D "$(swift build -c release --show-bin-path)/balancer" /out/balancer
 
