@@ -33,8 +33,9 @@ RUN swift package resolve
 COPY Sources ./Sources
 # The manifest declares the test targets too; their folders must exist.
 COPY Tests ./Tests
+# Stripped on install (`install -s`): the symbol tables are a third of the binary.
 RUN swift build -c release --static-swift-stdlib --product balancer \
-    && install -D "$(swift build -c release --show-bin-path)/balancer" /out/balancer
+    && install -D -s "$(swift build -c release --show-bin-path)/balancer" /out/balancer
 
 # ---- base: a slim Debian with a fixed non-root user; everything but the binary
 FROM ${RUNTIME_IMAGE} AS base
