@@ -268,7 +268,7 @@ struct ServerBehaviourTests {
 
     @Test("garbage input does not stop others being served")
     func garbage() async throws {
-        try await withServer { server in
+        try await withServer({ $0.headerTimeoutMilliseconds = 300 }) { server in
             for junk in ["\u{0}\u{1}\u{2}\r\n\r\n", "GET / HTTP/9.9\r\n\r\n", "POST /jobs HTTP/1.1\r\nContent-Length: -5\r\n\r\n", "\r\n\r\n\r\n"] {
                 try await withRawConnection(port: server.port) { connection in
                     try await connection.send(junk)
