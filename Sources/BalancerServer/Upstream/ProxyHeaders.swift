@@ -37,14 +37,20 @@ enum ProxyHeaders {
         let connectionTokens = client[canonicalForm: "connection"]
         let hasTransferEncoding = client.contains(name: "transfer-encoding")
         let framing: RequestFraming
+        let declaredLength = client.first(name: "content-length").flatMap { Int($0) }
         if hasTransferEncoding {
             // RFC 9112 §6.3: Transfer-Encoding overrides Content-Length.
             framing = .chunked
-        } else if let length = client.first(name: "content-length").flatMap({ Int($0) }), length > 0 {
+        } else if let length = declaredLength, length > 0 {
             framing = .contentLength(length)
         } else {
             framing = .none
         }
+        // An empty body keeps an explicit length where one is expected, so the
+        // encoder does not frame an empty POST as chunked.
+        let emptyBodyNeedsLength =
+            framing == .none
+            && (declaredLength == 0 || head.method == .POST || head.method == .PUT || head.method == .PATCH)
 
         var headers = HTTPHeaders()
         headers.reserveCapacity(client.count + 4)
@@ -73,7 +79,7 @@ enum ProxyHeaders {
         }
         headers.add(name: "Host", value: host ?? backend.hostHeader)
         switch framing {
-        case .none: break
+        case .none: if emptyBodyNeedsLength { headers.add(name: "Content-Length", value: "0") }
         case .contentLength(let length): headers.add(name: "Content-Length", value: String(length))
         case .chunked: headers.add(name: "Transfer-Encoding", value: "chunked")
         }

@@ -244,7 +244,9 @@ struct UpstreamConnectionTests {
             #expect(error.kind == .connectTimeout)
             #expect(error.kind.suggestedStatus == .gatewayTimeout)
             #expect(error.isRetryable(method: .POST, bodyReplayable: false))
-            #expect(clock.now - started < .seconds(2))
+            // Without the timeout the kernel retries the SYN for about two minutes. The
+            // bound is loose: the event loops are shared with the 200 MB tests.
+            #expect(clock.now - started < .seconds(10))
             for channel in fillers { try? await channel.close() }
         }
     }
@@ -258,7 +260,7 @@ struct UpstreamConnectionTests {
             let elapsed = clock.now - started
             #expect(error.kind == .responseTimeout)
             #expect(error.kind.suggestedStatus == .gatewayTimeout)
-            #expect(elapsed >= .milliseconds(250) && elapsed < .seconds(2))
+            #expect(elapsed >= .milliseconds(250) && elapsed < .seconds(10))
             #expect(error.isRetryable(method: .GET, bodyReplayable: true) == false)
         }
     }
@@ -272,6 +274,35 @@ struct UpstreamConnectionTests {
             #expect(error.responseBodyBytes == 10)
             #expect(writer.head?.status == .ok)
             #expect(writer.response.ended == false)
+        }
+    }
+
+    @Test func slowClientIsNotBlamedOnTheBackendByTheIdleTimeout() async throws {
+        try await withUpstreamBackend { backend in
+            // The client stalls for three idle timeouts; the backend is never silent
+            // while we ask it for bytes, so nothing may time out.
+            let connection = try makeUpstreamConnection(to: backend, .init(idleTimeout: .seconds(1)))
+            let writer = PausingResponseWriter(pause: .seconds(3))
+            let total = 20 * 1024 * 1024
+            let result = try await connection.forward(
+                upstreamTestRequest("/bytes?n=\(total)"), body: EmptyBody(),
+                forwarding: ForwardedFor(clientAddress: nil), to: writer
+            )
+            #expect(result.responseBodyBytes == total)
+            #expect(writer.bytes == total)
+        }
+    }
+
+    @Test func emptyPostGoesUpstreamWithContentLengthZero() async throws {
+        try await withUpstreamBackend { backend in
+            let connection = try makeUpstreamConnection(to: backend)
+            let writer = CollectingResponseWriter()
+            _ = try await connection.forward(
+                upstreamTestRequest(.POST, "/echo"), body: EmptyBody(),
+                forwarding: ForwardedFor(clientAddress: nil), to: writer
+            )
+            #expect(writer.head?.headers["x-req-content-length"] == ["0"])
+            #expect(writer.head?.headers["x-req-transfer-encoding"].isEmpty == true)
         }
     }
 
@@ -313,7 +344,7 @@ struct UpstreamConnectionTests {
             task.cancel()
             let error = try #require(await task.value)
             #expect(error.kind == .clientAborted)
-            #expect(clock.now - started < .seconds(1))
+            #expect(clock.now - started < .seconds(5))
             let next = try await connection.forward(
                 upstreamTestRequest("/echo"), body: EmptyBody(),
                 forwarding: ForwardedFor(clientAddress: nil), to: CollectingResponseWriter()

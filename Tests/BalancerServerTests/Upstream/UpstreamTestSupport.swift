@@ -84,6 +84,25 @@ final class CountingResponseWriter: ProxyResponseWriter {
     }
 }
 
+/// A writer that stops for `pause` at its first body write: a client that
+/// stalls for longer than the upstream idle timeout.
+final class PausingResponseWriter: ProxyResponseWriter {
+    private let pause: Duration
+    private let received = Atomic<Int>(0)
+    var bytes: Int { received.load(ordering: .relaxed) }
+
+    init(pause: Duration) { self.pause = pause }
+
+    func writeHead(_ head: HTTPResponseHead) async throws {}
+
+    func writeBody(_ buffer: ByteBuffer) async throws {
+        let before = received.add(buffer.readableBytes, ordering: .relaxed).oldValue
+        if before == 0 { try await Task.sleep(for: pause) }
+    }
+
+    func end(trailers: HTTPHeaders?) async throws {}
+}
+
 /// A writer whose writes fail: a client that went away.
 struct FailingResponseWriter: ProxyResponseWriter {
     struct Gone: Error {}
