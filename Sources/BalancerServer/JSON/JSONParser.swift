@@ -105,6 +105,7 @@ public struct JSONParser {
         try enter()
         index += 1  // {
         var members: [(key: String, value: JSONValue)] = []
+        members.reserveCapacity(4)  // a job body has a few fields: one allocation, not three
         skipWhitespace()
         if index < bytes.count, bytes[index] == UInt8(ascii: "}") {
             index += 1
