@@ -39,7 +39,7 @@ struct ServerBehaviourTests {
             #expect((try slept.json["result"] as? NSNumber)?.intValue == 100)
             let spun = try await postJob(server, #"{"op":"spin","ms":50}"#)
             #expect(spun.status == 200)
-            #expect(clock.now - start >= .milliseconds(300))
+            #expect(clock.now - start >= .milliseconds(150))
         }
     }
 
