@@ -178,8 +178,7 @@ public final class HTTPServer: Service, Sendable {
     /// Starts the drain: not ready, no new connections, jobs finish within the
     /// grace period, every connection closes after its answer.
     public func beginDrain() {
-        guard !state.isDraining else { return }
-        state.beginDraining()
+        guard state.beginDraining() else { return }
         logger.info(
             "draining: finishing in-flight jobs",
             metadata: ["grace_period_ms": "\(configuration.gracePeriodMilliseconds)"]

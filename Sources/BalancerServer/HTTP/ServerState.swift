@@ -11,7 +11,8 @@ public final class ServerState: Sendable {
     /// True once graceful shutdown has begun.
     public var isDraining: Bool { draining.load(ordering: .relaxed) }
 
-    func beginDraining() { draining.store(true, ordering: .relaxed) }
+    /// Marks the server draining; true only for the call that changed it.
+    func beginDraining() -> Bool { !draining.exchange(true, ordering: .relaxed) }
 
     /// Time since the server was created.
     public var uptime: Duration { ContinuousClock.now - startedAt }
