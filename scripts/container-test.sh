@@ -20,8 +20,10 @@
 #                     [default: ${XDG_CACHE_HOME:-$HOME/.cache}/swift-balancer]
 #   KEEP_IMAGE=1      leave the built image (swift-balancer:container-test-PID)
 #
-# Traffic goes to 127.0.0.1 only: the container shares the host's network
-# (the only network podman has here) and is told to listen on loopback.
+# The container runs as deploy/ runs it: read-only root, no capabilities,
+# no-new-privileges. Traffic goes to 127.0.0.1 only: the container shares the
+# host's network (the only network podman has here) and is told to listen on
+# loopback.
 # It removes only what it made: its container, its two images, its temp dirs.
 set -euo pipefail
 
@@ -43,6 +45,9 @@ container=swift-balancer-$tag
 # The pod-spec / unit files use the same grace; jobs here are far shorter.
 grace_ms=20000
 podman_run_flags=(--runtime runc --ulimit nofile=1024:1024 --ulimit nproc=1024:1024 --network host)
+# As deploy/ runs it: read-only root (podman adds a tmpfs /tmp, like the
+# Kubernetes emptyDir), no capabilities, no privilege escalation.
+podman_run_flags+=(--read-only --cap-drop ALL --security-opt no-new-privileges)
 
 work=$(mktemp -d /tmp/balancer-container-test.XXXXXX)
 made_base=0 made_image=0 made_container=0
@@ -74,8 +79,8 @@ for tool in podman:podman runc:runc debootstrap:debootstrap curl:curl python3:py
 done
 if ((${#missing[@]})); then
     say "apt-get install ${missing[*]}"
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"; } >"$work/apt.log" 2>&1 \
+        || { tail -20 "$work/apt.log" >&2; fail "apt-get install ${missing[*]}"; }
 fi
 
 # ---- the binary, built on this host
