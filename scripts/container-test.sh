@@ -14,6 +14,8 @@
 #
 # Usage: scripts/container-test.sh        (as root; installs podman, runc and
 #                                          debootstrap with apt-get if missing)
+#        scripts/container-test.sh --rootfs-only   only make (or find) the cached
+#                                          rootfs tarball and print its path
 # Environment:
 #   BALANCER_BINARY   use this binary instead of building one (.build-deploy)
 #   CACHE_DIR         where the rootfs tarball is kept
@@ -83,17 +85,6 @@ if ((${#missing[@]})); then
         || { tail -20 "$work/apt.log" >&2; fail "apt-get install ${missing[*]}"; }
 fi
 
-# ---- the binary, built on this host
-if [[ -n ${BALANCER_BINARY:-} ]]; then
-    binary=$BALANCER_BINARY
-else
-    say "swift build -c release --static-swift-stdlib (scratch path .build-deploy)"
-    swift build -c release --static-swift-stdlib --scratch-path .build-deploy --product balancer 2>&1 \
-        | grep -E "error|warning: unre|Compiling balancer" || true
-    binary=$(swift build -c release --scratch-path .build-deploy --show-bin-path)/balancer
-fi
-[[ -x $binary ]] || fail "no binary at $binary"
-
 # ---- the runtime base: debootstrap once, then the cached tarball
 if [[ ! -s $rootfs_tar ]]; then
     mirror=$(sed -n 's/^URIs: *\([^ ]*\/debian\)\/*$/\1/p' /etc/apt/sources.list.d/debian.sources 2>/dev/null | head -1)
@@ -150,6 +141,23 @@ SRC
     mv "$rootfs_tar.tmp" "$rootfs_tar"
     rm -rf "$rootfs"
 fi
+if [[ ${1:-} == --rootfs-only ]]; then
+    # For deploy/systemd/test-unit.sh: make or reuse the tarball, print its path.
+    echo "$rootfs_tar"
+    exit 0
+fi
+
+# ---- the binary, built on this host
+if [[ -n ${BALANCER_BINARY:-} ]]; then
+    binary=$BALANCER_BINARY
+else
+    say "swift build -c release --static-swift-stdlib (scratch path .build-deploy)"
+    swift build -c release --static-swift-stdlib --scratch-path .build-deploy --product balancer \
+        >"$work/swift-build.log" 2>&1 || { tail -30 "$work/swift-build.log" >&2; fail "swift build"; }
+    binary=$(swift build -c release --scratch-path .build-deploy --show-bin-path)/balancer
+fi
+[[ -x $binary ]] || fail "no binary at $binary"
+
 say "podman import -> $base_image"
 podman import -q --change 'CMD ["/bin/bash"]' "$rootfs_tar" "$base_image" >/dev/null
 made_base=1
