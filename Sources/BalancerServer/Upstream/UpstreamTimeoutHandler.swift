@@ -26,6 +26,11 @@ enum UpstreamTimeout: Error, Sendable, Hashable {
 /// - request body phase: the idle clock runs only while the channel is not
 ///   writable (the backend is not draining what we send);
 /// - response `.end` read: nothing runs (an idle keep-alive connection has no timer).
+///
+/// It also guards the idle connection: a response part that arrives when no
+/// request is in flight (a backend announcing its idle timeout with an
+/// unsolicited `408` before closing, say) is dropped and the connection closed,
+/// so it can never be taken for the answer to the next request.
 final class UpstreamTimeoutHandler: ChannelDuplexHandler, RemovableChannelHandler {
     typealias InboundIn = HTTPClientResponsePart
     typealias InboundOut = HTTPClientResponsePart
@@ -35,6 +40,8 @@ final class UpstreamTimeoutHandler: ChannelDuplexHandler, RemovableChannelHandle
     private let responseHeaderTimeout: TimeAmount
     private let idleTimeout: TimeAmount
 
+    /// Between request `.head` and response `.end`.
+    private var inExchange = false
     /// Between request `.head` and request `.end`.
     private var sendingRequest = false
     /// Between request `.end` and the response head.
@@ -55,6 +62,7 @@ final class UpstreamTimeoutHandler: ChannelDuplexHandler, RemovableChannelHandle
     func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
         switch unwrapOutboundIn(data) {
         case .head:
+            inExchange = true
             sendingRequest = true
             awaitingHead = false
             receivingBody = false
@@ -73,6 +81,10 @@ final class UpstreamTimeoutHandler: ChannelDuplexHandler, RemovableChannelHandle
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        guard inExchange else {
+            context.close(promise: nil)
+            return
+        }
         switch unwrapInboundIn(data) {
         case .head:
             // Interim (1xx) responses are dropped by the decoder: this is the final head.
@@ -84,6 +96,7 @@ final class UpstreamTimeoutHandler: ChannelDuplexHandler, RemovableChannelHandle
         case .body:
             readPendingSince = nil
         case .end:
+            inExchange = false
             receivingBody = false
             readPendingSince = nil
             idleTimer?.cancel()
@@ -113,6 +126,14 @@ final class UpstreamTimeoutHandler: ChannelDuplexHandler, RemovableChannelHandle
             }
         }
         context.fireChannelWritabilityChanged()
+    }
+
+    /// A decoding or I/O error breaks the connection for good: pass it on (the
+    /// response stream fails with it) and close, so an idle connection that saw
+    /// one is never reused.
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        context.fireErrorCaught(error)
+        context.close(promise: nil)
     }
 
     func channelInactive(context: ChannelHandlerContext) {
@@ -149,6 +170,7 @@ final class UpstreamTimeoutHandler: ChannelDuplexHandler, RemovableChannelHandle
 
     private func fire(_ timeout: UpstreamTimeout, context: ChannelHandlerContext) {
         cancelTimers()
+        inExchange = false
         sendingRequest = false
         awaitingHead = false
         receivingBody = false

@@ -53,6 +53,26 @@ struct UpstreamInteropTests {
         }
     }
 
+    @Test func unsolicitedResponseOnAnIdleConnectionIsNeverTakenForTheNextAnswer() async throws {
+        try await withUpstreamBackend { backend in
+            let connection = try makeUpstreamConnection(to: backend)
+            let first = try await connection.forward(
+                upstreamTestRequest("/unsolicited"), body: EmptyBody(),
+                forwarding: ForwardedFor(clientAddress: nil), to: CollectingResponseWriter()
+            )
+            #expect(first.status == .ok && first.keptAlive)
+            try await Task.sleep(for: .milliseconds(400))
+            let writer = CollectingResponseWriter()
+            let second = try await connection.forward(
+                upstreamTestRequest("/echo"), body: EmptyBody(),
+                forwarding: ForwardedFor(clientAddress: nil), to: writer
+            )
+            #expect(second.status == .ok)
+            #expect(second.reusedConnection == false)
+            #expect(writer.head?.headers["x-req-method"] == ["GET"])
+        }
+    }
+
     /// Python's `http.server`: an HTTP/1.0 server that closes after each response.
     @Test(.enabled(if: upstreamPythonAvailable))
     func forwardsToPythonHTTPServer() async throws {

@@ -18,6 +18,7 @@ import Synchronization
 /// - `/truncate`: sends a head announcing 1 000 000 bytes, 1000 of them, then closes.
 /// - `/close`: answers with `Connection: close` and closes.
 /// - `/hop`: answers with hop-by-hop headers that must not reach the client.
+/// - `/unsolicited`: answers 200, then sends an unrequested 408 on the idle connection.
 /// - `/status?code=C`: answers status `C`.
 /// Every response carries `x-connection-id`, the number of the TCP connection.
 ///
@@ -63,7 +64,7 @@ final class UpstreamTestBackend: Sendable {
                 .bind(host: "127.0.0.1", port: port) { channel in
                     channel.eventLoop.makeCompletedFuture {
                         try channel.pipeline.syncOperations.addHandler(SocketWriteCounter(counter))
-                        try channel.pipeline.syncOperations.configureHTTPServerPipeline()
+                        try channel.pipeline.syncOperations.configureHTTPServerPipeline(withPipeliningAssistance: false)
                         return try NIOAsyncChannel<HTTPServerRequestPart, HTTPServerResponsePart>(
                             wrappingChannelSynchronously: channel
                         )
@@ -228,6 +229,20 @@ final class UpstreamTestBackend: Sendable {
                 .body(.byteBuffer(ByteBuffer(string: "ok"))), .end(nil),
             ])
             return false
+        case "/unsolicited":
+            // Answers, then 100 ms later sends a 408 nobody asked for and keeps the
+            // connection open (some servers announce their idle timeout this way).
+            try await Self.drain(&requests)
+            headers.add(name: "content-length", value: "0")
+            try await outbound.write(contentsOf: [
+                .head(HTTPResponseHead(version: .http1_1, status: .ok, headers: headers)), .end(nil),
+            ])
+            try await Task.sleep(for: .milliseconds(100))
+            try await outbound.write(contentsOf: [
+                .head(HTTPResponseHead(version: .http1_1, status: .requestTimeout, headers: ["content-length": "0"])),
+                .end(nil),
+            ])
+            return true
         case "/hop":
             try await Self.drain(&requests)
             headers.add(name: "connection", value: "x-backend-hop")
