@@ -78,3 +78,21 @@ struct UpstreamForwardBenchmark {
         #expect(total > 0)
     }
 }
+
+extension UpstreamForwardBenchmark {
+    /// Serves the test's minimal proxy (``MiniUpstreamProxy``: server pipeline,
+    /// RequestBodyStream, a task per request, ServerResponseWriter, one upstream
+    /// connection per client connection) in front of `UPSTREAM_BENCH_URL` on
+    /// `UPSTREAM_BENCH_PROXY_PORT` for `UPSTREAM_BENCH_PROXY_SECONDS`, for a load
+    /// generator such as wrk to measure the whole proxying path without the balancer.
+    @Test(.enabled(if: environment("UPSTREAM_BENCH_PROXY_SECONDS") != nil))
+    func serveMiniProxyForLoad() async throws {
+        let backend = try Backend(url: try #require(environment("UPSTREAM_BENCH_URL")))
+        let seconds = Int(environment("UPSTREAM_BENCH_PROXY_SECONDS") ?? "") ?? 10
+        let port = Int(environment("UPSTREAM_BENCH_PROXY_PORT") ?? "") ?? 0
+        let proxy = try await MiniUpstreamProxy.start(to: backend, port: port)
+        print("mini proxy listening on 127.0.0.1:\(proxy.port) for \(seconds) s")
+        try await Task.sleep(for: .seconds(seconds))
+        await proxy.stop()
+    }
+}
