@@ -141,6 +141,38 @@ struct ServerBehaviourTests {
         }
     }
 
+    @Test("Expect: 100-continue gets 100 Continue, then the answer once the body is sent")
+    func expectContinue() async throws {
+        try await withServer { server in
+            try await withRawConnection(port: server.port) { connection in
+                let job = #"{"op":"multiply","x":6,"y":7}"#
+                try await connection.send("POST /jobs HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: \(job.utf8.count)\r\n\r\n")
+                #expect(try await connection.readResponse()?.status == 100)
+                try await connection.send(job)
+                let response = try #require(try await connection.readResponse())
+                #expect(response.status == 200)
+                #expect(response.body.contains("\"result\":42"))
+            }
+        }
+    }
+
+    @Test("HTTP/1.0: keep-alive when asked for, close otherwise")
+    func http10() async throws {
+        try await withServer { server in
+            try await withRawConnection(port: server.port) { connection in
+                try await connection.send("GET /healthz HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+                let kept = try #require(try await connection.readResponse())
+                #expect(kept.status == 200)
+                #expect(kept.headers["connection"] == "keep-alive")
+                try await connection.send("GET /healthz HTTP/1.0\r\n\r\n")
+                let last = try #require(try await connection.readResponse())
+                #expect(last.status == 200)
+                #expect(last.headers["connection"] == "close")
+                #expect(try await connection.readUntilClosed())
+            }
+        }
+    }
+
     @Test("Connection: close is honoured")
     func connectionClose() async throws {
         try await withServer { server in
