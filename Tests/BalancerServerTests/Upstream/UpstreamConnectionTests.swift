@@ -306,6 +306,24 @@ struct UpstreamConnectionTests {
         }
     }
 
+    @Test func backendThatStopsReadingTheUploadTimesOut() async throws {
+        try await withUpstreamBackend { backend in
+            let connection = try makeUpstreamConnection(to: backend, .init(idleTimeout: .milliseconds(300)))
+            let total = 200 * 1024 * 1024
+            let clock = ContinuousClock()
+            let started = clock.now
+            let error = try #require(
+                await expectUpstreamFailure(
+                    connection, upstreamTestRequest(.PUT, "/stall-upload", headers: [("Content-Length", String(total))]),
+                    body: GeneratedBody(total: total, peakResident: .init())
+                )
+            )
+            #expect(error.kind == .responseTimeout)
+            #expect(error.requestBodyBytes < total)
+            #expect(clock.now - started < .seconds(10))
+        }
+    }
+
     @Test func garbageIsInvalidResponse() async throws {
         try await withUpstreamBackend(.garbage) { backend in
             let connection = try makeUpstreamConnection(to: backend)

@@ -18,6 +18,7 @@ import Synchronization
 /// - `/truncate`: sends a head announcing 1 000 000 bytes, 1000 of them, then closes.
 /// - `/close`: answers with `Connection: close` and closes.
 /// - `/hop`: answers with hop-by-hop headers that must not reach the client.
+/// - `/stall-upload`: never reads the request body (nor answers).
 /// - `/unsolicited`: answers 200, then sends an unrequested 408 on the idle connection.
 /// - `/status?code=C`: answers status `C`.
 /// Every response carries `x-connection-id`, the number of the TCP connection.
@@ -141,14 +142,21 @@ final class UpstreamTestBackend: Sendable {
             var requests = inbound.makeAsyncIterator()
             while let part = try await requests.next() {
                 guard case .head(let head) = part else { continue }
-                let keepGoing = try await respond(to: head, id: id, requests: &requests, outbound: outbound)
+                let keepGoing = try await respond(
+                    to: head, id: id, connection: connection, requests: &requests, outbound: outbound)
                 if !keepGoing { return }
             }
         }
     }
 
     /// Answers one request; returns false when the connection must close.
-    private func respond(to head: HTTPRequestHead, id: Int, requests: inout Iterator, outbound: Writer) async throws -> Bool {
+    private func respond(
+        to head: HTTPRequestHead,
+        id: Int,
+        connection: Connection,
+        requests: inout Iterator,
+        outbound: Writer
+    ) async throws -> Bool {
         let (path, query) = Self.split(head.uri)
         var headers = HTTPHeaders()
         headers.add(name: "x-connection-id", value: String(id))
@@ -228,6 +236,10 @@ final class UpstreamTestBackend: Sendable {
                 .head(HTTPResponseHead(version: .http1_1, status: .ok, headers: headers)),
                 .body(.byteBuffer(ByteBuffer(string: "ok"))), .end(nil),
             ])
+            return false
+        case "/stall-upload":
+            // Never reads the request body: the proxy's writes back up until it gives up.
+            while connection.channel.isActive { try await Task.sleep(for: .milliseconds(50)) }
             return false
         case "/unsolicited":
             // Answers, then 100 ms later sends a 408 nobody asked for and keeps the
