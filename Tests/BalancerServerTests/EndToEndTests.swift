@@ -82,6 +82,15 @@ final class ServeProcess: @unchecked Sendable {
     }
 }
 
+/// Runs blocking work (waiting for a child process) on a Dispatch thread, so
+/// it never holds one of Swift concurrency's few threads that the in-process
+/// servers of other tests need.
+func offCooperativePool<T: Sendable>(_ work: @escaping @Sendable () -> T) async -> T {
+    await withCheckedContinuation { continuation in
+        DispatchQueue.global().async { continuation.resume(returning: work()) }
+    }
+}
+
 /// Whether this process may make a PID namespace (root, util-linux unshare).
 let canUnsharePID: Bool = {
     guard FileManager.default.isExecutableFile(atPath: "/usr/bin/unshare") else { return false }
@@ -114,8 +123,11 @@ func runBalancer(_ arguments: [String], environment: [String: String] = [:]) asy
     process.standardOutput = pipe
     process.standardError = pipe
     try process.run()
-    let data = pipe.fileHandleForReading.readDataToEndOfFile()
-    process.waitUntilExit()
+    let data = await offCooperativePool {
+        let data = pipe.fileHandleForReading.readDataToEndOfFile()
+        process.waitUntilExit()
+        return data
+    }
     return (process.terminationStatus, String(decoding: data, as: UTF8.self))
 }
 
@@ -126,8 +138,11 @@ func curl(_ arguments: [String]) async throws -> String {
     let pipe = Pipe()
     process.standardOutput = pipe
     try process.run()
-    let data = pipe.fileHandleForReading.readDataToEndOfFile()
-    process.waitUntilExit()
+    let data = await offCooperativePool {
+        let data = pipe.fileHandleForReading.readDataToEndOfFile()
+        process.waitUntilExit()
+        return data
+    }
     return String(decoding: data, as: UTF8.self)
 }
 
