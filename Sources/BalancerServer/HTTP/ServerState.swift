@@ -25,5 +25,4 @@ final class ConnectionCounter: Sendable {
     /// Counts one more; returns the new total.
     func open() -> Int { count.wrappingAdd(1, ordering: .relaxed).newValue }
     func close() { count.wrappingSubtract(1, ordering: .relaxed) }
-    var current: Int { count.load(ordering: .relaxed) }
 }
