@@ -46,6 +46,12 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "Idle keep-alive connections close after this, ms. [default: 60000]") var idleTimeoutMs: String?
     @Option(help: "On SIGTERM, time for jobs to finish, ms. [default: 30000]") var gracePeriodMs: String?
     @Option(help: "Network event-loop threads; 0 = one per core. [default: 0]") var threads: String?
+    @Option(
+        name: .customLong("upstream"),
+        help: ArgumentHelp("A backend URL (http://host:port); repeat for several. Every path but the server's own is proxied to them.", valueName: "url"))
+    var upstreams: [String] = []
+    @Option(help: "K: workers (keep-alive connections) per backend. [default: 16]") var connectionsPerUpstream: String?
+    @Option(help: "Further tries on another backend after a retryable failure. [default: 2]") var upstreamRetries: String?
 
     /// The flags given, by configuration key name.
     private var flags: [String: String] {
@@ -56,6 +62,8 @@ struct Serve: AsyncParsableCommand {
             ("max_connections", maxConnections), ("header_timeout_ms", headerTimeoutMs),
             ("body_timeout_ms", bodyTimeoutMs), ("idle_timeout_ms", idleTimeoutMs),
             ("grace_period_ms", gracePeriodMs), ("threads", threads),
+            ("upstreams", upstreams.isEmpty ? nil : upstreams.joined(separator: ",")),
+            ("connections_per_upstream", connectionsPerUpstream), ("upstream_retries", upstreamRetries),
         ]
         var flags: [String: String] = [:]
         for case let (name, value?) in pairs { flags[name] = value }
@@ -87,11 +95,20 @@ struct Serve: AsyncParsableCommand {
             configuration.threads == 0
             ? .singleton : MultiThreadedEventLoopGroup(numberOfThreads: configuration.threads)
         let balancer = Balancer(configuration: configuration.balancer)
+        let upstream: UpstreamPool?
+        do {
+            upstream = configuration.upstreams.isEmpty
+                ? nil : try UpstreamPool(configuration: configuration, eventLoopGroup: eventLoopGroup)
+        } catch {
+            printError("balancer serve: \(error)")
+            throw ExitCode(2)
+        }
         let server: HTTPServer
         do {
             server = try await HTTPServer.bind(
                 configuration: configuration,
                 balancer: balancer,
+                upstream: upstream,
                 eventLoopGroup: eventLoopGroup,
                 logger: logger
             )
@@ -102,10 +119,9 @@ struct Serve: AsyncParsableCommand {
 
         let grace = Duration.milliseconds(configuration.gracePeriodMilliseconds)
         var groupConfiguration = ServiceGroupConfiguration(
-            services: [
-                .init(service: BalancerService(balancer: balancer, gracePeriod: grace)),
-                .init(service: server),
-            ],
+            services: [.init(service: BalancerService(balancer: balancer, gracePeriod: grace))]
+                + (upstream.map { [.init(service: BalancerService(balancer: $0.balancer, gracePeriod: grace))] } ?? [])
+                + [.init(service: server)],
             gracefulShutdownSignals: [.sigterm, .sigint],
             logger: logger
         )

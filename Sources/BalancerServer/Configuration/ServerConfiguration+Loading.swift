@@ -75,6 +75,41 @@ extension ServerConfiguration {
         .int64("idle_timeout_ms", "an idle keep-alive connection is closed after this, ms", \.idleTimeoutMilliseconds, range: 1...86_400_000),
         .int64("grace_period_ms", "on SIGTERM, time for in-flight jobs before the rest get 503, ms", \.gracePeriodMilliseconds, range: 0...3_600_000),
         .int("threads", "network event-loop threads; 0 = one per CPU core", \.threads, range: 0...1_024),
+        Key(
+            name: "upstreams",
+            help: "backend URLs (http://host:port) of the upstream pool; comma-separated in flags and environment",
+            set: { (config, raw) throws(ConfigurationError) in
+                let urls: [String]
+                switch raw {
+                case .text(let text):
+                    urls = text.split(separator: ",").map { String(String($0).trimmingWhitespace()) }.filter { !$0.isEmpty }
+                case .json(.array(let items)):
+                    urls = try items.map { (item) throws(ConfigurationError) -> String in
+                        guard case .string(let url) = item else {
+                            throw ConfigurationError("upstreams: each entry must be a URL string, not \(item.typeName)")
+                        }
+                        return url
+                    }
+                case .json(let other):
+                    throw ConfigurationError("upstreams: must be an array of URLs, not \(other.typeName)")
+                }
+                for url in urls {
+                    do {
+                        _ = try Backend(url: url)
+                    } catch {
+                        throw ConfigurationError("upstreams: \(error)")
+                    }
+                }
+                config.upstreams = urls
+            },
+            get: { .array($0.upstreams.map { .string($0) }) }
+        ),
+        .int("connections_per_upstream", "K: workers (keep-alive connections) per backend", \.connectionsPerUpstream, range: 1...4_096),
+        .int("upstream_retries", "further tries on another backend after a retryable failure", \.upstreamRetries, range: 0...16),
+        .int("upstream_max_fails", "consecutive failures that eject a backend", \.upstreamMaxFails, range: 1...1_000),
+        .int64("upstream_fail_timeout_ms", "how long an ejected backend stays out, ms", \.upstreamFailTimeoutMilliseconds, range: 1...3_600_000),
+        .int64("upstream_connect_timeout_ms", "connect timeout to a backend (504 after), ms", \.upstreamConnectTimeoutMilliseconds, range: 1...600_000),
+        .int64("upstream_response_timeout_ms", "time for a backend's response head (504 after), ms", \.upstreamResponseTimeoutMilliseconds, range: 1...3_600_000),
     ]
 
     /// The environment variable that names the JSON file, like `--config`.

@@ -43,6 +43,23 @@ public struct ServerConfiguration: Sendable, Equatable {
     public var gracePeriodMilliseconds: Int64 = 30_000
     /// Event-loop threads for the network; 0 means one per CPU core.
     public var threads = 0
+    /// Backend URLs of the upstream pool (`http://host:port`); empty: no
+    /// upstream pool. When set, every path but the server's own goes to them.
+    public var upstreams: [String] = []
+    /// K: workers per backend, each owning one keep-alive connection (its
+    /// connection limit, like HAProxy's per-server `maxconn`).
+    public var connectionsPerUpstream = 16
+    /// Further tries of a request on another backend's worker after a failure
+    /// that allows it (refused, reset before sending; idempotent after).
+    public var upstreamRetries = 2
+    /// Consecutive failures that eject a backend (nginx's `max_fails`).
+    public var upstreamMaxFails = 1
+    /// How long an ejected backend stays out (nginx's `fail_timeout`).
+    public var upstreamFailTimeoutMilliseconds: Int64 = 10_000
+    /// A connect to a backend must finish within this (504 after).
+    public var upstreamConnectTimeoutMilliseconds: Int64 = 3_000
+    /// A backend's response head must arrive within this after the request (504 after).
+    public var upstreamResponseTimeoutMilliseconds: Int64 = 30_000
 
     public init() {}
 
@@ -54,6 +71,20 @@ public struct ServerConfiguration: Sendable, Equatable {
             backlog: backlog,
             queueTimeout: .milliseconds(queueTimeoutMilliseconds),
             strategy: strategy
+        )
+    }
+
+    /// The upstream pool's balancer: one worker per backend connection, each
+    /// with room for one request (a connection forwards one at a time; the
+    /// backlog is the queue, so no request waits behind a slow one on a
+    /// connection while another is free).
+    public var upstreamBalancer: Balancer.Configuration {
+        Balancer.Configuration(
+            workers: upstreams.count * connectionsPerUpstream,
+            capacity: 1,
+            backlog: backlog,
+            queueTimeout: .milliseconds(queueTimeoutMilliseconds),
+            strategy: strategy == .sharedQueue ? .leastLoaded : strategy
         )
     }
 

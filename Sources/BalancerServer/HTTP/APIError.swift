@@ -64,6 +64,13 @@ public struct APIError: Error, Sendable, Equatable {
             case .overflow(let reason):
                 self.init(status: .unprocessableEntity, code: "overflow", message: reason)
             }
+        case let error as UpstreamError:
+            // 502 for a backend that failed, 504 for one too slow; the message names it.
+            self.init(
+                status: error.kind.suggestedStatus ?? .badGateway,
+                code: error.kind.rawValue,
+                message: "\(error); the request was tried on every backend it could be"
+            )
         case let error as JSONParseError:
             self.init(status: .badRequest, code: "bad_json", message: "the body is not valid JSON: \(error)")
         case is CancellationError:
@@ -132,6 +139,16 @@ public struct APIError: Error, Sendable, Equatable {
         message: "the server is at its max_connections; retry later",
         headers: [("retry-after", String(APIError.retryAfterSeconds))]
     )
+
+    /// Every backend is out (ejected or down) after `failure`: 503, naming the backend that failed.
+    static func noHealthyBackend(after failure: UpstreamError) -> APIError {
+        APIError(
+            status: .serviceUnavailable,
+            code: "no_healthy_backend",
+            message: "no healthy backend is left: \(failure)",
+            headers: [("retry-after", String(APIError.retryAfterSeconds))]
+        )
+    }
 
     static let notReady = APIError(
         status: .serviceUnavailable,

@@ -32,6 +32,9 @@ public final class HTTPServer: Service, Sendable {
 
     public let configuration: ServerConfiguration
     public let balancer: Balancer
+    /// The upstream pool, when backends are configured: every path but the
+    /// server's own is proxied to it.
+    public let upstream: UpstreamPool?
     /// Readiness and uptime.
     public let state: ServerState
     /// The address actually bound (its port is the real one when 0 was asked for).
@@ -47,6 +50,7 @@ public final class HTTPServer: Service, Sendable {
     private init(
         configuration: ServerConfiguration,
         balancer: Balancer,
+        upstream: UpstreamPool?,
         state: ServerState,
         serverChannel: NIOAsyncChannel<Accepted, Never>,
         quiescing: ServerQuiescingHelper,
@@ -54,11 +58,13 @@ public final class HTTPServer: Service, Sendable {
     ) {
         self.configuration = configuration
         self.balancer = balancer
+        self.upstream = upstream
         self.state = state
         self.serverChannel = serverChannel
         self.localAddress = serverChannel.channel.localAddress!
         self.quiescing = quiescing
-        self.router = Router(balancer: balancer, registry: .builtIn, limits: configuration.jobLimits, state: state)
+        self.router = Router(
+            balancer: balancer, registry: .builtIn, limits: configuration.jobLimits, state: state, upstream: upstream)
         self.logger = logger
     }
 
@@ -68,6 +74,7 @@ public final class HTTPServer: Service, Sendable {
     public static func bind(
         configuration: ServerConfiguration,
         balancer: Balancer,
+        upstream: UpstreamPool? = nil,
         eventLoopGroup: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton,
         logger: Logger
     ) async throws -> HTTPServer {
@@ -135,6 +142,7 @@ public final class HTTPServer: Service, Sendable {
         let server = HTTPServer(
             configuration: configuration,
             balancer: balancer,
+            upstream: upstream,
             state: ServerState(),
             serverChannel: serverChannel,
             quiescing: quiescing,
@@ -184,6 +192,7 @@ public final class HTTPServer: Service, Sendable {
             metadata: ["grace_period_ms": "\(configuration.gracePeriodMilliseconds)"]
         )
         balancer.shutdown(gracePeriod: .milliseconds(configuration.gracePeriodMilliseconds))
+        upstream?.balancer.shutdown(gracePeriod: .milliseconds(configuration.gracePeriodMilliseconds))
         quiescing.initiateShutdown(promise: nil)
     }
 
@@ -221,6 +230,10 @@ public final class HTTPServer: Service, Sendable {
             var parts = inbound.makeAsyncIterator()
             while let part = try await parts.next() {
                 guard case .head(let head) = part else { continue }
+                if isProxied(head.uri) {
+                    guard try await proxy(head, parts: &parts, connection: connection, outbound: outbound) else { return }
+                    continue
+                }
                 if let length = head.headers.first(name: "content-length").flatMap({ Int($0) }), length > maxBody {
                     try await refuseBody(head, limit: maxBody, channel: connection.channel, parts: &parts, outbound: outbound)
                     return
@@ -272,7 +285,7 @@ public final class HTTPServer: Service, Sendable {
         while try await parts.next() != nil {}
     }
 
-    private func write(
+    func write(
         _ response: Response,
         for request: HTTPRequestHead,
         keepAlive: Bool,

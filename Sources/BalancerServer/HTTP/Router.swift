@@ -31,6 +31,7 @@ struct Router: Sendable {
     let registry: JobRegistry
     let limits: JobLimits
     let state: ServerState
+    let upstream: UpstreamPool?
     let allocator = ByteBufferAllocator()
 
     func respond(to head: HTTPRequestHead, body: ByteBuffer?) async -> Response {
@@ -128,7 +129,12 @@ struct Router: Sendable {
         switch format {
         case "json":
             var out = allocator.buffer(capacity: 256 + 128 * snapshot.workers.count)
-            out.writeJSON(StatsRendering.json(snapshot, uptime: uptime))
+            var json = StatsRendering.json(snapshot, uptime: uptime)
+            if let upstream, case .object(var object) = json {
+                object.members.append((key: "upstream", value: await upstream.statsJSON()))
+                json = .object(object)
+            }
+            out.writeJSON(json)
             out.writeStaticString("\n")
             return Response(body: out)
         case "text":

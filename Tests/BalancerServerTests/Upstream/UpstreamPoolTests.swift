@@ -1,0 +1,196 @@
+import BalancerCore
+import Foundation
+import NIOCore
+import NIOPosix
+import ServiceLifecycle
+import Testing
+
+@testable import BalancerServer
+
+#if canImport(FoundationNetworking)
+import FoundationNetworking
+#endif
+
+/// Runs `body` against a server whose upstream pool is `backends`, run the way
+/// `balancer serve --upstream ...` runs it; drains it after.
+func withProxy<T: Sendable>(
+    _ backends: [Int],
+    _ configure: (inout ServerConfiguration) -> Void = { _ in },
+    _ body: (TestServer, UpstreamPool) async throws -> T
+) async throws -> T {
+    var configuration = ServerConfiguration()
+    configuration.port = 0
+    configuration.gracePeriodMilliseconds = 5_000
+    configuration.upstreams = backends.map { "http://127.0.0.1:\($0)" }
+    configuration.connectionsPerUpstream = 4
+    configure(&configuration)
+    let balancer = Balancer(configuration: configuration.balancer)
+    let upstream = try UpstreamPool(configuration: configuration, eventLoopGroup: MultiThreadedEventLoopGroup.singleton)
+    let server = try await HTTPServer.bind(
+        configuration: configuration, balancer: balancer, upstream: upstream, logger: quietLogger)
+    let grace = Duration.milliseconds(configuration.gracePeriodMilliseconds)
+    let group = ServiceGroup(
+        configuration: .init(
+            services: [
+                .init(service: BalancerService(balancer: balancer, gracePeriod: grace)),
+                .init(service: BalancerService(balancer: upstream.balancer, gracePeriod: grace)),
+                .init(service: server),
+            ],
+            logger: quietLogger
+        )
+    )
+    let running = Task { try await group.run() }
+    do {
+        let result = try await body(TestServer(server: server, group: group), upstream)
+        await group.triggerGracefulShutdown()
+        try await running.value
+        return result
+    } catch {
+        await group.triggerGracefulShutdown()
+        _ = try? await running.value
+        throw error
+    }
+}
+
+@Suite("upstream pools through the server: proxying, retries, failures")
+struct UpstreamPoolTests {
+    @Test("headers and bodies go through; hop-by-hop headers are stripped; X-Forwarded-* and Via are added")
+    func roundTrip() async throws {
+        let backend = try await UpstreamTestBackend.start()
+        defer { Task { await backend.stop() } }
+        try await withProxy([backend.port]) { server, _ in
+            let echoed = try await request(
+                server.url("/echo?q=1"), method: "POST", body: "{\"hello\":\"backend\"}",
+                headers: ["X-Custom": "yes", "Connection": "x-drop-me", "X-Drop-Me": "secret"])
+            #expect(echoed.status == 200)
+            #expect(echoed.text == "{\"hello\":\"backend\"}")
+            #expect(echoed.header("x-req-x-custom") == "yes")
+            #expect(echoed.header("x-req-x-drop-me") == nil, "headers named in Connection are hop-by-hop")
+            #expect(echoed.header("x-req-uri") == "/echo?q=1")
+            #expect(echoed.header("x-req-x-forwarded-for") == "127.0.0.1")
+            #expect(echoed.header("x-req-x-forwarded-proto") == "http")
+            #expect(echoed.header("x-req-x-forwarded-host") == "127.0.0.1:\(server.port)")
+            #expect(echoed.header("x-req-via")?.contains("swift-balancer") == true)
+
+            let hop = try await request(server.url("/hop"))
+            #expect(hop.status == 200)
+            #expect(hop.text == "hop")
+            #expect(hop.header("x-backend-hop") == nil)
+            #expect(hop.header("keep-alive") == nil)
+            #expect(hop.header("proxy-authenticate") == nil)
+            #expect(hop.header("x-end-to-end") == "kept")
+            #expect(hop.header("via")?.contains("swift-balancer") == true)
+
+            let chunked = try await request(server.url("/chunked?parts=5"))
+            #expect(chunked.text == "part-0;part-1;part-2;part-3;part-4;", "trailers are dropped for a client that did not ask")
+            // A client that asks for trailers gets the backend's, over chunked framing.
+            let raw = try await curl(["--raw", "-H", "TE: trailers", server.url("/chunked?parts=2").absoluteString])
+            #expect(raw.contains("7\r\npart-0;\r\n7\r\npart-1;\r\n0\r\nx-checksum: 2\r\n\r\n"), "\(raw.debugDescription)")
+
+            // The server's own paths stay the server's.
+            let stats = try await request(server.url("/stats"))
+            let upstream = try #require(try stats.json["upstream"] as? [String: any Sendable])
+            let workers = try #require(upstream["workers"] as? [[String: any Sendable]])
+            #expect(workers.count == 4)
+            #expect(workers.reduce(0) { $0 + ($1["requests"] as? Int ?? 0) } == 4)
+        }
+    }
+
+    @Test("a large body streams through both ways (memory bounds are UpstreamConnectionTests')")
+    func largeBodies() async throws {
+        let backend = try await UpstreamTestBackend.start()
+        defer { Task { await backend.stop() } }
+        try await withProxy([backend.port]) { server, _ in
+            let size = 8 << 20
+            var upload = URLRequest(url: server.url("/sink"))
+            upload.httpMethod = "POST"
+            let (_, response) = try await testSession.upload(for: upload, from: Data(repeating: 0x62, count: size))
+            let http = try #require(response as? HTTPURLResponse)
+            #expect(http.statusCode == 200)
+            #expect(http.value(forHTTPHeaderField: "x-received-bytes") == String(size))
+
+            let download = try await request(server.url("/bytes?n=\(size)"))
+            #expect(download.status == 200)
+            #expect(download.body.count == size)
+        }
+    }
+
+    @Test("a backend killed mid-run: idempotent requests all succeed through retries")
+    func backendKilledMidRun() async throws {
+        let first = try await UpstreamTestBackend.start()
+        let second = try await UpstreamTestBackend.start()
+        defer { Task { await first.stop() } }
+        try await withProxy([first.port, second.port]) { server, upstream in
+            let statuses = try await withThrowingTaskGroup(of: [Int].self) { group in
+                for _ in 0..<8 {
+                    group.addTask {
+                        var statuses: [Int] = []
+                        for _ in 0..<40 {
+                            statuses.append(try await request(server.url("/echo")).status)
+                        }
+                        return statuses
+                    }
+                }
+                try await Task.sleep(for: .milliseconds(30))
+                await second.stop()
+                return try await group.reduce([], +)
+            }
+            #expect(statuses.count == 320)
+            #expect(statuses.allSatisfy { $0 == 200 }, "statuses other than 200: \(statuses.filter { $0 != 200 })")
+            let stats = try await request(server.url("/stats"))
+            let pool = try #require(try stats.json["upstream"] as? [String: any Sendable])
+            let backends = try #require(pool["backends"] as? [[String: any Sendable]])
+            #expect((backends[1]["ejections"] as? Int ?? 0) >= 1, "the dead backend was ejected: \(backends)")
+            _ = upstream
+        }
+    }
+
+    @Test("a backend that hangs gives 504 within the response timeout, naming it")
+    func hangingBackend() async throws {
+        let backend = try await UpstreamTestBackend.start()
+        defer { Task { await backend.stop() } }
+        try await withProxy([backend.port], { $0.upstreamResponseTimeoutMilliseconds = 300 }) { server, _ in
+            let start = ContinuousClock.now
+            let result = try await request(server.url("/hang"))
+            #expect(result.status == 504)
+            #expect(result.errorCode == "response_timeout")
+            #expect(result.text.contains("backend1"))
+            #expect(ContinuousClock.now - start < .seconds(5))
+        }
+    }
+
+    @Test("a backend that answers garbage gives 502")
+    func garbageBackend() async throws {
+        let backend = try await UpstreamTestBackend.start(mode: .garbage)
+        defer { Task { await backend.stop() } }
+        try await withProxy([backend.port], { $0.upstreamRetries = 0 }) { server, _ in
+            let result = try await request(server.url("/anything"))
+            #expect(result.status == 502)
+            #expect(result.errorCode == "invalid_response")
+            #expect(result.text.contains("backend1"))
+        }
+    }
+
+    @Test("all backends down gives 503 with Retry-After")
+    func allBackendsDown() async throws {
+        // Ports nobody listens on: start backends, note their ports, stop them.
+        let a = try await UpstreamTestBackend.start()
+        let b = try await UpstreamTestBackend.start()
+        let ports = [a.port, b.port]
+        await a.stop()
+        await b.stop()
+        try await withProxy(ports) { server, _ in
+            for _ in 0..<3 {
+                let result = try await request(server.url("/"))
+                #expect(result.status == 503)
+                #expect(result.header("retry-after") != nil)
+                #expect(["no_healthy_backend", "unavailable"].contains(result.errorCode ?? ""), "\(result.text)")
+            }
+            let stats = try await request(server.url("/stats"))
+            let pool = try #require(try stats.json["upstream"] as? [String: any Sendable])
+            let workers = try #require(pool["workers"] as? [[String: any Sendable]])
+            #expect(workers.allSatisfy { $0["state"] as? String == "down" })
+        }
+    }
+}
+
