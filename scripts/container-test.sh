@@ -10,10 +10,16 @@
 #     (minbase, trimmed like debian:bookworm-slim), imported with `podman import`;
 #     the tarball is cached under $CACHE_DIR, so re-runs skip debootstrap;
 #   - the Swift build stage is skipped: `--target prebuilt` copies the binary
-#     built on this host (`swift build -c release --static-swift-stdlib`).
+#     built on this host (`swift build -c release --static-swift-stdlib`);
+#   - or, with --full, SWIFT_IMAGE is a stand-in for the official Swift image:
+#     the same Debian base with the toolchain's build dependencies, and this
+#     host's toolchain and package mirror mounted read-only into the build
+#     (`podman build -v`); the default target then builds as users build it.
 #
 # Usage: scripts/container-test.sh        (as root; installs podman, runc and
 #                                          debootstrap with apt-get if missing)
+#        scripts/container-test.sh --full  the default target: the build stage
+#                                          compiles the sources (slower)
 #        scripts/container-test.sh --rootfs-only   only make (or find) the cached
 #                                          rootfs tarball and print its path
 # Environment:
@@ -26,7 +32,7 @@
 # no-new-privileges. Traffic goes to 127.0.0.1 only: the container shares the
 # host's network (the only network podman has here) and is told to listen on
 # loopback.
-# It removes only what it made: its container, its two images, its temp dirs.
+# It removes only what it made: its container, its images, its temp dirs.
 set -euo pipefail
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -44,7 +50,7 @@ tag=container-test-$$
 base_image=localhost/swift-balancer-base:$suite-slim-$$
 image=localhost/swift-balancer:$tag
 container=swift-balancer-$tag
-# The pod-spec / unit files use the same grace; jobs here are far shorter.
+# A shorter drain grace than deploy/'s 30 s: the jobs here take under 2 s.
 grace_ms=20000
 podman_run_flags=(--runtime runc --ulimit nofile=1024:1024 --ulimit nproc=1024:1024 --network host)
 # As deploy/ runs it: read-only root (podman adds a tmpfs /tmp, like the
@@ -52,7 +58,10 @@ podman_run_flags=(--runtime runc --ulimit nofile=1024:1024 --ulimit nproc=1024:1
 podman_run_flags+=(--read-only --cap-drop ALL --security-opt no-new-privileges)
 
 work=$(mktemp -d /tmp/balancer-container-test.XXXXXX)
-made_base=0 made_image=0 made_container=0
+swift_image=localhost/swift-balancer-swift:stand-in-$$
+mode=${1:-prebuilt}
+case $mode in prebuilt | --full | --rootfs-only) ;; *) fail "unknown argument $mode (--full, --rootfs-only)" ;; esac
+made_base=0 made_swift=0 made_image=0 made_container=0
 curl_pids=()
 cleanup() {
     local rc=$?
@@ -66,6 +75,7 @@ cleanup() {
         podman rm -f -t 0 "$container" >/dev/null 2>&1
     fi
     if ((made_image)) && [[ ${KEEP_IMAGE:-0} != 1 ]]; then podman rmi -f "$image" >/dev/null 2>&1; fi
+    if ((made_swift)); then podman rmi -f "$swift_image" >/dev/null 2>&1; fi
     if ((made_base)); then podman rmi -f "$base_image" >/dev/null 2>&1; fi
     # The rootfs tree may hold root-owned device nodes: only our own temp dir is removed.
     rm -rf "$work"
@@ -141,47 +151,94 @@ SRC
     mv "$rootfs_tar.tmp" "$rootfs_tar"
     rm -rf "$rootfs"
 fi
-if [[ ${1:-} == --rootfs-only ]]; then
+if [[ $mode == --rootfs-only ]]; then
     # For deploy/systemd/test-unit.sh: make or reuse the tarball, print its path.
     echo "$rootfs_tar"
     exit 0
 fi
 
-# ---- the binary, built on this host
-if [[ -n ${BALANCER_BINARY:-} ]]; then
-    binary=$BALANCER_BINARY
-else
-    say "swift build -c release --static-swift-stdlib (scratch path .build-deploy)"
-    swift build -c release --static-swift-stdlib --scratch-path .build-deploy --product balancer \
-        >"$work/swift-build.log" 2>&1 || { tail -30 "$work/swift-build.log" >&2; fail "swift build"; }
-    binary=$(swift build -c release --scratch-path .build-deploy --show-bin-path)/balancer
-fi
-[[ -x $binary ]] || fail "no binary at $binary"
-
 say "podman import -> $base_image"
 podman import -q --change 'CMD ["/bin/bash"]' "$rootfs_tar" "$base_image" >/dev/null
 made_base=1
 
-# ---- build the real Dockerfile, target prebuilt
-context=$work/context
-mkdir -p "$context"
-cp -r config "$context/config"
-# Stripped, as the Dockerfile's build stage does (`install -s`): the symbols
-# are a third of an unstripped binary.
-if command -v strip >/dev/null 2>&1; then strip -o "$context/balancer" "$binary"; else cp "$binary" "$context/balancer"; fi
-[[ -f .dockerignore ]] && cp .dockerignore "$context/.dockerignore"
-say "podman build --target prebuilt -f Dockerfile -> $image"
-made_image=1
-podman build --isolation chroot --network host --format docker --layers=false --pull=never \
-    --target prebuilt \
-    --build-arg RUNTIME_IMAGE="$base_image" \
-    --build-arg SWIFT_IMAGE="$base_image" \
-    --build-arg PREBUILT_BINARY=balancer \
-    -f "$repo/Dockerfile" -t "$image" "$context" >"$work/build.log" 2>&1 \
-    || { tail -30 "$work/build.log" >&2; fail "podman build"; }
+if [[ $mode == --full ]]; then
+    # ---- a stand-in for the Swift image: this host's toolchain, mounted at build time
+    swift_root=$(dirname "$(dirname "$(dirname "$(readlink -f "$(command -v swift)")")")")
+    [[ -x $swift_root/usr/bin/swift ]] || fail "cannot find the Swift toolchain (swift is $(command -v swift))"
+    mounts=(-v "$swift_root:$swift_root:ro")
+    # Package URLs that git rewrites to a local mirror here (url.X.insteadOf):
+    # the same rewrites in the stand-in, and the mirror mounted.
+    git_rewrites=""
+    while read -r key value; do
+        local_base=${key#url.}
+        local_base=${local_base%.insteadof}
+        [[ -d $local_base ]] || continue
+        mounts+=(-v "$local_base:$local_base:ro")
+        git_rewrites+=" && git config --system url.$local_base.insteadOf $value"
+    done < <(git config --system --get-regexp '^url\..*\.insteadof$' 2>/dev/null | grep ' https://' || true)
+    mkdir -p "$work/swift-context"
+    {
+        echo 'ARG BASE'
+        echo 'FROM ${BASE}'
+        echo 'RUN apt-get update \'
+        echo '    && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \'
+        echo '        binutils git libc6-dev libcurl4-openssl-dev libedit2 libgcc-12-dev libpython3.11 libsqlite3-0 \'
+        echo '        libstdc++-12-dev libxml2-dev libncurses-dev libz3-4 pkg-config tzdata zlib1g-dev unzip ca-certificates \'
+        echo "    && rm -rf /var/lib/apt/lists/*$git_rewrites"
+        echo "ENV PATH=$swift_root/usr/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+    } >"$work/swift-context/Containerfile"
+    say "podman build -> $swift_image (stand-in for the Swift image, $swift_root mounted)"
+    made_swift=1
+    podman build --isolation chroot --network host --format docker --layers=false --pull=never \
+        --build-arg BASE="$base_image" -t "$swift_image" "$work/swift-context" >"$work/swift-image.log" 2>&1 \
+        || { tail -30 "$work/swift-image.log" >&2; fail "podman build (Swift stand-in)"; }
+
+    # ---- build the real Dockerfile: default target, the repository as context
+    say "podman build -f Dockerfile (default target: swift build in the build stage) -> $image"
+    made_image=1
+    podman build --isolation chroot --network host --format docker --layers=false --pull=never \
+        "${mounts[@]}" \
+        --build-arg SWIFT_IMAGE="$swift_image" \
+        --build-arg RUNTIME_IMAGE="$base_image" \
+        -f "$repo/Dockerfile" -t "$image" "$repo" >"$work/build.log" 2>&1 \
+        || { tail -30 "$work/build.log" >&2; fail "podman build"; }
+    binary_size=$(podman run --rm "${podman_run_flags[@]}" --entrypoint /usr/bin/du "$image" \
+        -h /usr/local/bin/balancer 2>/dev/null | cut -f1)
+    binary_note="binary $binary_size, built in the build stage"
+else
+    # ---- the binary, built on this host
+    if [[ -n ${BALANCER_BINARY:-} ]]; then
+        binary=$BALANCER_BINARY
+    else
+        say "swift build -c release --static-swift-stdlib (scratch path .build-deploy)"
+        swift build -c release --static-swift-stdlib --scratch-path .build-deploy --product balancer \
+            >"$work/swift-build.log" 2>&1 || { tail -30 "$work/swift-build.log" >&2; fail "swift build"; }
+        binary=$(swift build -c release --scratch-path .build-deploy --show-bin-path)/balancer
+    fi
+    [[ -x $binary ]] || fail "no binary at $binary"
+
+    # ---- build the real Dockerfile, target prebuilt
+    context=$work/context
+    mkdir -p "$context"
+    cp -r config "$context/config"
+    # Stripped, as the Dockerfile's build stage does (`install -s`): the symbols
+    # are a third of an unstripped binary.
+    if command -v strip >/dev/null 2>&1; then strip -o "$context/balancer" "$binary"; else cp "$binary" "$context/balancer"; fi
+    [[ -f .dockerignore ]] && cp .dockerignore "$context/.dockerignore"
+    say "podman build --target prebuilt -f Dockerfile -> $image"
+    made_image=1
+    podman build --isolation chroot --network host --format docker --layers=false --pull=never \
+        --target prebuilt \
+        --build-arg RUNTIME_IMAGE="$base_image" \
+        --build-arg SWIFT_IMAGE="$base_image" \
+        --build-arg PREBUILT_BINARY=balancer \
+        -f "$repo/Dockerfile" -t "$image" "$context" >"$work/build.log" 2>&1 \
+        || { tail -30 "$work/build.log" >&2; fail "podman build"; }
+    binary_note="the stripped binary $(du -h "$context/balancer" | cut -f1)"
+fi
 size_bytes=$(podman image inspect --format '{{.Size}}' "$image")
 size_human=$(podman images --format '{{.Size}}' "$image" | head -1)
-say "image size: $size_human ($size_bytes bytes; the stripped binary $(du -h "$context/balancer" | cut -f1))"
+say "image size: $size_human ($size_bytes bytes; $binary_note)"
 
 # ---- run it
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
@@ -228,7 +285,7 @@ say "ok: HEALTHCHECK ($(podman inspect --format '{{json .Config.Healthcheck.Test
 # podman stop while jobs are in flight: every job answered 200, exit 0
 jobs_in_flight=8
 for i in $(seq 1 $jobs_in_flight); do
-    ms=$((1000 + 100 * i))
+    ms=$((1000 + 125 * i))   # 1.1 to 2 s
     curl -sS -m 30 -o "$work/job$i.body" -w '%{http_code}' -H 'Content-Type: application/json' \
         -d "{\"op\":\"sleep\",\"ms\":$ms}" "$base_url/jobs" >"$work/job$i.code" 2>"$work/job$i.err" &
     curl_pids+=($!)
@@ -255,6 +312,7 @@ for i in $(seq 1 $jobs_in_flight); do
     fi
 done
 exit_code=$(podman inspect --format '{{.State.ExitCode}}' "$container")
+podman logs "$container" 2>&1 | grep -q 'draining' || fail "the log shows no drain after SIGTERM"
 ((bad == 0)) || fail "$bad of $jobs_in_flight in-flight jobs were not answered 200"
 [[ $exit_code == 0 ]] || fail "exit code after podman stop: $exit_code"
 say "ok: all $jobs_in_flight in-flight jobs answered 200; exit 0 after a $(python3 -c "print(f'{$t1 - $t0:.1f}')") s drain"
