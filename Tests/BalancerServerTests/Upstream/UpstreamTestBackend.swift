@@ -33,6 +33,7 @@ final class UpstreamTestBackend: Sendable {
     private let accepted: Atomic<Int>
     private let written: Atomic<Int>
     private let socketBytes: SocketWriteCounter.Total
+    private let unserved: Unserved
     private let children: Mutex<[ObjectIdentifier: any Channel]>
     private let running: Mutex<Task<Void, Never>?>
 
@@ -43,8 +44,14 @@ final class UpstreamTestBackend: Sendable {
     /// Bytes of all responses the kernel has accepted on the backend's sockets (head and framing included).
     var bytesWrittenToSockets: Int { socketBytes.value }
 
-    private init(port: Int, serverChannel: any Channel, socketBytes: SocketWriteCounter.Total = .init()) {
+    private init(
+        port: Int,
+        serverChannel: any Channel,
+        socketBytes: SocketWriteCounter.Total = .init(),
+        unserved: Unserved = .init()
+    ) {
         self.port = port
+        self.unserved = unserved
         self.socketBytes = socketBytes
         self.serverChannel = serverChannel
         self.accepted = Atomic(0)
@@ -59,6 +66,7 @@ final class UpstreamTestBackend: Sendable {
         switch mode {
         case .http:
             let counter = SocketWriteCounter.Total()
+            let unserved = Unserved()
             let server = try await ServerBootstrap(group: group)
                 .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
                 .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
@@ -66,18 +74,22 @@ final class UpstreamTestBackend: Sendable {
                     channel.eventLoop.makeCompletedFuture {
                         try channel.pipeline.syncOperations.addHandler(SocketWriteCounter(counter))
                         try channel.pipeline.syncOperations.configureHTTPServerPipeline(withPipeliningAssistance: false)
-                        return try NIOAsyncChannel<HTTPServerRequestPart, HTTPServerResponsePart>(
+                        let connection = try NIOAsyncChannel<HTTPServerRequestPart, HTTPServerResponsePart>(
                             wrappingChannelSynchronously: channel
                         )
+                        unserved.add(connection)
+                        return connection
                     }
                 }
             let backend = UpstreamTestBackend(
-                port: server.channel.localAddress!.port!, serverChannel: server.channel, socketBytes: counter)
+                port: server.channel.localAddress!.port!, serverChannel: server.channel, socketBytes: counter,
+                unserved: unserved)
             let task = Task {
                 _ = try? await server.executeThenClose { inbound in
                     await withDiscardingTaskGroup { group in
                         do {
                             for try await connection in inbound {
+                                unserved.remove(connection)
                                 let id = backend.accepted.add(1, ordering: .relaxed).newValue
                                 backend.track(connection.channel)
                                 group.addTask { await backend.serve(connection, id: id) }
@@ -114,6 +126,7 @@ final class UpstreamTestBackend: Sendable {
         for channel in open { try? await channel.close() }
         let task = running.withLock { $0 }
         await task?.value
+        await unserved.closeAll()
     }
 
     /// Closes every open connection but keeps listening: a backend whose
@@ -297,6 +310,30 @@ final class UpstreamTestBackend: Sendable {
             query[String(parts[0])] = parts.count > 1 ? String(parts[1]) : ""
         }
         return (String(uri[..<mark]), query)
+    }
+}
+
+/// Connections accepted while the listener was closing never reach the accept
+/// loop; a NIOAsyncChannel dropped without `executeThenClose` traps in debug
+/// builds, so each one is held here until served or closed properly.
+private final class Unserved: Sendable {
+    private typealias Connection = NIOAsyncChannel<HTTPServerRequestPart, HTTPServerResponsePart>
+    private let connections = Mutex<[ObjectIdentifier: Connection]>([:])
+
+    func add(_ connection: NIOAsyncChannel<HTTPServerRequestPart, HTTPServerResponsePart>) {
+        connections.withLock { $0[ObjectIdentifier(connection.channel)] = connection }
+    }
+
+    func remove(_ connection: NIOAsyncChannel<HTTPServerRequestPart, HTTPServerResponsePart>) {
+        _ = connections.withLock { $0.removeValue(forKey: ObjectIdentifier(connection.channel)) }
+    }
+
+    func closeAll() async {
+        let left = connections.withLock { connections in
+            defer { connections.removeAll() }
+            return Array(connections.values)
+        }
+        for connection in left { try? await connection.executeThenClose { _, _ in } }
     }
 }
 
