@@ -232,6 +232,7 @@ public actor Balancer {
         request.phase = .dispatched(worker)
         worker.send(request)
         pool.addPending(1, to: id)
+        pool.markDispatched(id)
         pool.push(id)
         pendingTotal += 1
         let pending = pool.pending(of: id)

@@ -4,8 +4,10 @@
 /// Workers are named by their small integer id. Each has a record holding its
 /// `pending` (requests queued on it or running) and its `index`: its position in
 /// `heap`, or `nil` while it is out of the heap (taken off by `dispatch`,
-/// draining, removed). The heap is ordered by `(pending, id)`, so ties always go
-/// to the lowest id.
+/// draining, removed). The heap is ordered by `(pending, lastDispatch, id)`:
+/// ties in `pending` go to the worker dispatched to least recently (round-robin
+/// among equals, as nginx's least_conn and HAProxy's leastconn do), then to the
+/// lowest id.
 ///
 /// Every operation keeps each record's `index` right; without that upkeep
 /// `completed` would fix up the wrong worker and the heap would silently rot.
@@ -19,12 +21,16 @@ public struct Pool: Sendable {
         public var pending: Int
         /// Position in the heap, `nil` while the worker is out of it.
         public internal(set) var index: Int?
+        /// When it was last dispatched to, as a count of dispatches; 0 if never.
+        public internal(set) var lastDispatch = 0
     }
 
     /// Records by worker id; `nil` for ids not (or no longer) in the pool.
     private var records: [Record?] = []
     /// Worker ids in heap order.
     private var heap: [Int] = []
+    /// Dispatches recorded so far, for `lastDispatch`.
+    private var dispatches = 0
 
     public init() {}
 
@@ -61,7 +67,7 @@ public struct Pool: Sendable {
             records.append(contentsOf: repeatElement(nil, count: id - records.count + 1))
         }
         precondition(records[id] == nil, "worker \(id) is already in the pool")
-        records[id] = Record(pending: 0, index: nil)
+        records[id] = Record(pending: 0, index: nil, lastDispatch: 0)
     }
 
     /// Forgets worker `id`; it must be out of the heap.
@@ -78,6 +84,14 @@ public struct Pool: Sendable {
         let new = records[id]!.pending + delta
         precondition(new >= 0, "pending of worker \(id) would fall below zero")
         records[id]!.pending = new
+    }
+
+    /// Records a dispatch to worker `id`, which must be out of the heap: among
+    /// workers with equal `pending` it now comes last.
+    public mutating func markDispatched(_ id: Int) {
+        precondition(records[id]?.index == nil, "mark a worker while it is out of the heap")
+        dispatches += 1
+        records[id]!.lastDispatch = dispatches
     }
 
     /// Puts worker `id` into the heap (Go's `heap.Push`); sets its index.
@@ -139,9 +153,11 @@ public struct Pool: Sendable {
     private func less(_ a: Int, _ b: Int) -> Bool {
         let x = heap[a]
         let y = heap[b]
-        let px = records[x].unsafelyUnwrapped.pending
-        let py = records[y].unsafelyUnwrapped.pending
-        return px < py || (px == py && x < y)
+        let rx = records[x].unsafelyUnwrapped
+        let ry = records[y].unsafelyUnwrapped
+        if rx.pending != ry.pending { return rx.pending < ry.pending }
+        if rx.lastDispatch != ry.lastDispatch { return rx.lastDispatch < ry.lastDispatch }
+        return x < y
     }
 
     @inline(__always)

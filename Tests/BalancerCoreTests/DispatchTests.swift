@@ -36,7 +36,7 @@ final class HeldOperations: Sendable {
 
 @Suite("dispatch and completed")
 struct DispatchTests {
-    @Test("dispatch always picks a worker with the least pending; completed decrements exactly once")
+    @Test("dispatch always picks a worker with the least pending (ties: least recently dispatched); completed decrements exactly once")
     func dispatchPicksTheLeastLoaded() async throws {
         let balancer = Balancer(configuration: .init(workers: 5, capacity: 6, backlog: 0))
         let held = HeldOperations()
@@ -45,6 +45,7 @@ struct DispatchTests {
                 var rng = SplitMix64(seed: 42)
                 var before = await balancer.stats()
                 var inFlight = 0
+                var lastDispatch: [Int: Int] = [:]
                 for step in 0..<300 {
                     let full = inFlight == 5 * 6
                     if !full && (inFlight == 0 || Int.random(in: 0..<3, using: &rng) > 0) {
@@ -57,8 +58,10 @@ struct DispatchTests {
                             #expect(new.pending == old.pending + 1)
                             let least = before.workers.map(\.pending).min()!
                             #expect(old.pending == least, "step \(step): dispatch chose pending \(old.pending), least was \(least)")
-                            let lowestTied = before.workers.first { $0.pending == least }!.id
-                            #expect(old.id == lowestTied, "ties go to the lowest id")
+                            let tied = before.workers.filter { $0.pending == least }.map(\.id)
+                            let expected = tied.min { (lastDispatch[$0, default: 0], $0) < (lastDispatch[$1, default: 0], $1) }
+                            #expect(old.id == expected, "ties go to the least recently dispatched, then the lowest id")
+                            lastDispatch[old.id] = step + 1
                         }
                         before = after
                     } else {

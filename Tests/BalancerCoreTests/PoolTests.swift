@@ -7,10 +7,12 @@ struct PoolTests {
     /// A model of the pool: pending by id, and which ids are in the heap.
     struct Model {
         var pending: [Int: Int] = [:]
+        var lastDispatch: [Int: Int] = [:]
+        var dispatches = 0
         var inHeap: Set<Int> = []
 
         var minimum: Int? {
-            inHeap.min { a, b in (pending[a]!, a) < (pending[b]!, b) }
+            inHeap.min { a, b in (pending[a]!, lastDispatch[a, default: 0], a) < (pending[b]!, lastDispatch[b, default: 0], b) }
         }
     }
 
@@ -40,6 +42,9 @@ struct PoolTests {
                 #expect(pool[id]?.index == nil)
                 pool.addPending(1, to: id)
                 model.pending[id]! += 1
+                pool.markDispatched(id)
+                model.dispatches += 1
+                model.lastDispatch[id] = model.dispatches
                 pool.push(id)
             case 30..<45:
                 // completed: remove at its index, pending -= 1, push back.
@@ -71,6 +76,7 @@ struct PoolTests {
                 } else {
                     pool.delete(id)
                     model.pending[id] = nil
+                    model.lastDispatch[id] = nil
                     #expect(pool[id] == nil)
                 }
             default:
@@ -98,6 +104,25 @@ struct PoolTests {
         var order: [Int] = []
         while let id = pool.pop() { order.append(id) }
         #expect(order == [0, 2, 4, 5, 7])
+    }
+
+    @Test("among equal pending, the worker dispatched to least recently comes first")
+    func tiesGoToTheLeastRecentlyDispatched() {
+        var pool = Pool()
+        for id in 0..<3 {
+            pool.insert(id)
+            pool.push(id)
+        }
+        // Three dispatches that each complete at once: round-robin, not always worker 0.
+        var order: [Int] = []
+        for _ in 0..<6 {
+            let id = pool.pop()!
+            order.append(id)
+            pool.markDispatched(id)
+            pool.push(id)
+        }
+        #expect(order == [0, 1, 2, 0, 1, 2])
+        #expect(pool.isValid)
     }
 
     @Test("isValid detects a broken heap")
