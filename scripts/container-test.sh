@@ -42,6 +42,8 @@ say() { printf '== %s\n' "$*"; }
 fail() { printf 'FAIL: %s\n' "$*" >&2; exit 1; }
 
 [[ $(id -u) == 0 ]] || fail "run as root (rootful podman)"
+mode=${1:-prebuilt}
+case $mode in prebuilt | --full | --rootfs-only) ;; *) fail "unknown argument $mode (--full, --rootfs-only)" ;; esac
 
 cache_dir=${CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/swift-balancer}
 suite=bookworm
@@ -59,8 +61,6 @@ podman_run_flags+=(--read-only --cap-drop ALL --security-opt no-new-privileges)
 
 work=$(mktemp -d /tmp/balancer-container-test.XXXXXX)
 swift_image=localhost/swift-balancer-swift:stand-in-$$
-mode=${1:-prebuilt}
-case $mode in prebuilt | --full | --rootfs-only) ;; *) fail "unknown argument $mode (--full, --rootfs-only)" ;; esac
 made_base=0 made_swift=0 made_image=0 made_container=0
 curl_pids=()
 cleanup() {
