@@ -164,7 +164,11 @@ public final class HealthChecker: Service, Sendable {
         self.configuration = configuration
         self.eventLoop = eventLoop
         self.onTransition = onTransition
-        let health = HealthState(rise: configuration.rise, fall: configuration.fall, initiallyUp: configuration.initiallyUp)
+        let health = HealthState(
+            rise: configuration.rise,
+            fall: configuration.fall,
+            initiallyUp: configuration.initiallyUp
+        )
         self.state = Mutex((health, Status(isUp: health.isUp, checks: 0, lastCheck: nil)))
     }
 

@@ -1,6 +1,5 @@
 import NIOCore
 import NIOHTTP1
-import Synchronization
 
 /// Where ``UpstreamConnection/forward(_:body:forwarding:to:)`` streams a backend's
 /// response: the client side of the proxy.
@@ -108,53 +107,4 @@ public struct ForwardResult: Sendable, Hashable {
 
     /// 1 to 5: the first digit of the status code.
     public var statusClass: Int { Int(status.code / 100) }
-}
-
-/// A ``ProxyResponseWriter`` onto a server connection's `NIOAsyncChannel` writer:
-/// each part is written as it comes, and each write waits while the client's
-/// socket is not writable, which is the backpressure a large body needs.
-///
-/// ``headWritten`` tells the caller, after a failed forward, whether it can
-/// still answer with an error status (no) or can only close the connection (yes).
-public struct ServerResponseWriter: ProxyResponseWriter {
-    private let outbound: NIOAsyncChannelOutboundWriter<HTTPServerResponsePart>
-    private let adjustHead: @Sendable (inout HTTPResponseHead) -> Void
-    private let started: HeadWritten
-
-    /// - Parameters:
-    ///   - outbound: the client connection's response writer.
-    ///   - adjustHead: a last change to the head before it goes out (e.g. add
-    ///     `Connection: close` while draining, or a `Server` header).
-    public init(
-        outbound: NIOAsyncChannelOutboundWriter<HTTPServerResponsePart>,
-        adjustHead: @escaping @Sendable (inout HTTPResponseHead) -> Void = { _ in }
-    ) {
-        self.outbound = outbound
-        self.adjustHead = adjustHead
-        self.started = HeadWritten()
-    }
-
-    /// Whether the response head has gone to the client.
-    public var headWritten: Bool { started.value }
-
-    public func writeHead(_ head: HTTPResponseHead) async throws {
-        var head = head
-        adjustHead(&head)
-        started.set()
-        try await outbound.write(.head(head))
-    }
-
-    public func writeBody(_ buffer: ByteBuffer) async throws {
-        try await outbound.write(.body(.byteBuffer(buffer)))
-    }
-
-    public func end(trailers: HTTPHeaders?) async throws {
-        try await outbound.write(.end(trailers))
-    }
-
-    private final class HeadWritten: Sendable {
-        private let flag = Atomic<Bool>(false)
-        var value: Bool { flag.load(ordering: .acquiring) }
-        func set() { flag.store(true, ordering: .releasing) }
-    }
 }

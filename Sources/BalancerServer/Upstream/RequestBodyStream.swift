@@ -144,7 +144,8 @@ public final class RequestBodyStream: AsyncSequence, Sendable {
             throw error
         case .wait:
             return try await withTaskCancellationHandler {
-                try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<ByteBuffer?, any Error>) in
+                try await withCheckedThrowingContinuation {
+                    (continuation: CheckedContinuation<ByteBuffer?, any Error>) in
                     let (resumeNow, producer) = state.withLock {
                         state -> (Result<ByteBuffer?, any Error>?, CheckedContinuation<Void, any Error>?) in
                         if let (buffer, producer) = pop(&state) { return (.success(buffer), producer) }

@@ -105,7 +105,11 @@ public final class UpstreamConnection: @unchecked Sendable {
         acquire()
         defer { release() }
         if Task.isCancelled {
-            throw UpstreamError(.clientAborted, backend: backend.name, detail: "the client went away before the request was sent")
+            throw UpstreamError(
+                .clientAborted,
+                backend: backend.name,
+                detail: "the client went away before the request was sent"
+            )
         }
         let (upstreamHead, framing) = ProxyHeaders.upstreamRequest(head, forwarding: forwarding, backend: backend)
 
@@ -188,7 +192,8 @@ public final class UpstreamConnection: @unchecked Sendable {
             throw classifyConnect(error)
         }
         opened.add(1, ordering: .relaxed)
-        let (inbound, outbound) = await withCheckedContinuation { (continuation: CheckedContinuation<(Inbound, Outbound), Never>) in
+        let (inbound, outbound) = await withCheckedContinuation {
+            (continuation: CheckedContinuation<(Inbound, Outbound), Never>) in
             Task {
                 try? await asyncConnection.executeThenClose { inbound, outbound in
                     continuation.resume(returning: (inbound, outbound))
@@ -292,7 +297,9 @@ public final class UpstreamConnection: @unchecked Sendable {
             case .head(let head)?:
                 responseHead = head
             case .body?, .end?:
-                return .failure(failure(HTTPParserError.invalidInternalState, headReceived: false, bytes: 0, upload: upload))
+                return .failure(
+                    failure(HTTPParserError.invalidInternalState, headReceived: false, bytes: 0, upload: upload)
+                )
             case nil:
                 return .failure(failure(nil, headReceived: false, bytes: 0, upload: upload))
             }
@@ -320,7 +327,9 @@ public final class UpstreamConnection: @unchecked Sendable {
                 do {
                     try await writer.writeBody(buffer)
                 } catch {
-                    return .failure(clientAborted("writing the response body to the client failed: \(error)", upload: upload))
+                    return .failure(
+                        clientAborted("writing the response body to the client failed: \(error)", upload: upload)
+                    )
                 }
             case .end(let trailers)?:
                 do {
@@ -338,7 +347,14 @@ public final class UpstreamConnection: @unchecked Sendable {
                     )
                 )
             case .head?:
-                return .failure(failure(HTTPParserError.invalidInternalState, headReceived: true, bytes: responseBytes, upload: upload))
+                return .failure(
+                    failure(
+                        HTTPParserError.invalidInternalState,
+                        headReceived: true,
+                        bytes: responseBytes,
+                        upload: upload
+                    )
+                )
             case nil:
                 return .failure(failure(nil, headReceived: true, bytes: responseBytes, upload: upload))
             }
@@ -346,7 +362,12 @@ public final class UpstreamConnection: @unchecked Sendable {
     }
 
     /// Classifies a failure of the response stream: `error` is nil for an early end of stream.
-    private func failure(_ error: (any Error)?, headReceived: Bool, bytes: Int, upload: UploadProgress?) -> UpstreamError {
+    private func failure(
+        _ error: (any Error)?,
+        headReceived: Bool,
+        bytes: Int,
+        upload: UploadProgress?
+    ) -> UpstreamError {
         if Task.isCancelled || error is CancellationError {
             return clientAborted("the client went away", upload: upload, responseBytes: bytes)
         }
@@ -359,7 +380,8 @@ public final class UpstreamConnection: @unchecked Sendable {
         }
         if headReceived {
             switch error {
-            case nil: return make(.responseTruncated, "the backend closed the connection before the response body ended")
+            case nil:
+                return make(.responseTruncated, "the backend closed the connection before the response body ended")
             case UpstreamTimeout.idle?:
                 return make(.responseTruncated, "no response body bytes for \(configuration.idleTimeout)")
             case let error?: return make(.responseTruncated, "the response body broke off: \(error)")
@@ -371,7 +393,10 @@ public final class UpstreamConnection: @unchecked Sendable {
         case UpstreamTimeout.responseHead?:
             return make(.responseTimeout, "no response head within \(configuration.responseHeaderTimeout)")
         case UpstreamTimeout.idle?:
-            return make(.responseTimeout, "the backend stopped reading the request body for \(configuration.idleTimeout)")
+            return make(
+                .responseTimeout,
+                "the backend stopped reading the request body for \(configuration.idleTimeout)"
+            )
         case HTTPParserError.invalidEOFState?:
             return make(.failedAfterRequestSent, "the backend closed the connection in the middle of the response head")
         case let error? where error is HTTPParserError:

@@ -68,13 +68,15 @@ struct UpstreamBodyStreamTests {
         await #expect(throws: RequestBodyStream.Gone.self) { try await waiting.write(ByteBuffer(string: "late")) }
     }
 
-    /// The integration the server will do: a proxy built from the pieces (the
+    /// The integration the server does: a proxy built from the pieces (the
     /// connection task pumps the client's body into a RequestBodyStream, a
     /// separate "worker" task forwards, the response goes out through a
-    /// ServerResponseWriter), driven by an UpstreamConnection as the client.
+    /// writer onto the client's NIOAsyncChannel), driven by an UpstreamConnection as the client.
     @Test func largeUploadAndEchoPassThroughAProxyMadeOfThePieces() async throws {
         try await withUpstreamBackend { backend in
-            let proxy = try await MiniUpstreamProxy.start(to: try Backend(name: "echo", url: "http://127.0.0.1:\(backend.port)"))
+            let proxy = try await MiniUpstreamProxy.start(
+                to: try Backend(name: "echo", url: "http://127.0.0.1:\(backend.port)")
+            )
             let client = UpstreamConnection(backend: try Backend(name: "proxy", url: "http://127.0.0.1:\(proxy.port)"))
             let total = 50 * 1024 * 1024
             let writer = CountingResponseWriter()
@@ -82,7 +84,8 @@ struct UpstreamBodyStreamTests {
             let result = try await client.forward(
                 upstreamTestRequest(.POST, "/echo", headers: [("Content-Length", String(total))]),
                 body: GeneratedBody(total: total, peakResident: .init()),
-                forwarding: ForwardedFor(clientAddress: "198.51.100.1"), to: writer
+                forwarding: ForwardedFor(clientAddress: "198.51.100.1"),
+                to: writer
             )
             let figures = writer.figures
             #expect(result.status == .ok)
@@ -96,12 +99,43 @@ struct UpstreamBodyStreamTests {
             await backend.stop()
             let failed = CollectingResponseWriter()
             let answer = try await client.forward(
-                upstreamTestRequest("/echo"), body: EmptyBody(), forwarding: ForwardedFor(clientAddress: nil), to: failed)
+                upstreamTestRequest("/echo"),
+                body: EmptyBody(),
+                forwarding: ForwardedFor(clientAddress: nil),
+                to: failed
+            )
             #expect(answer.status == .badGateway)
             #expect(failed.bodyString.contains("echo"))
             await client.close()
             await proxy.stop()
         }
+    }
+}
+
+/// Writes a proxied response to the client's NIOAsyncChannel writer; each write
+/// waits while the client's socket is full.
+struct MiniProxyResponseWriter: ProxyResponseWriter {
+    let outbound: NIOAsyncChannelOutboundWriter<HTTPServerResponsePart>
+    private let wroteHead = HeadFlag()
+
+    init(outbound: NIOAsyncChannelOutboundWriter<HTTPServerResponsePart>) { self.outbound = outbound }
+
+    /// Whether an error status can no longer be sent.
+    var headWritten: Bool { wroteHead.value }
+
+    func writeHead(_ head: HTTPResponseHead) async throws {
+        wroteHead.set()
+        try await outbound.write(.head(head))
+    }
+
+    func writeBody(_ buffer: ByteBuffer) async throws { try await outbound.write(.body(.byteBuffer(buffer))) }
+
+    func end(trailers: HTTPHeaders?) async throws { try await outbound.write(.end(trailers)) }
+
+    private final class HeadFlag: Sendable {
+        private let flag = Atomic<Bool>(false)
+        var value: Bool { flag.load(ordering: .acquiring) }
+        func set() { flag.store(true, ordering: .releasing) }
     }
 }
 
@@ -125,7 +159,8 @@ final class MiniUpstreamProxy: Sendable {
                 channel.eventLoop.makeCompletedFuture {
                     try channel.pipeline.syncOperations.configureHTTPServerPipeline()
                     return try NIOAsyncChannel<HTTPServerRequestPart, HTTPServerResponsePart>(
-                        wrappingChannelSynchronously: channel)
+                        wrappingChannelSynchronously: channel
+                    )
                 }
             }
         let running = Task {
@@ -160,14 +195,16 @@ final class MiniUpstreamProxy: Sendable {
             while let part = try await requests.next() {
                 guard case .head(let head) = part else { continue }
                 let body = RequestBodyStream()
-                let writer = ServerResponseWriter(outbound: outbound)
+                let writer = MiniProxyResponseWriter(outbound: outbound)
                 let worker = Task {
                     try await upstream.forward(head, body: body, forwarding: ForwardedFor(client: remote), to: writer)
                 }
                 pump: while let part = try await requests.next() {
                     switch part {
                     case .body(let buffer): try? await body.write(buffer)  // Gone: keep reading to the end
-                    case .end: body.finish(); break pump
+                    case .end:
+                        body.finish()
+                        break pump
                     case .head: return
                     }
                 }
@@ -175,9 +212,17 @@ final class MiniUpstreamProxy: Sendable {
                     _ = try await worker.value
                 } catch let error as UpstreamError {
                     guard !writer.headWritten, let status = error.kind.suggestedStatus else { return }
-                    let message = ByteBuffer(string: #"{"error":"\#(error.kind.rawValue)","backend":"\#(error.backend)"}"#)
+                    let message = ByteBuffer(
+                        string: #"{"error":"\#(error.kind.rawValue)","backend":"\#(error.backend)"}"#
+                    )
                     try await outbound.write(contentsOf: [
-                        .head(HTTPResponseHead(version: .http1_1, status: status, headers: ["content-length": String(message.readableBytes)])),
+                        .head(
+                            HTTPResponseHead(
+                                version: .http1_1,
+                                status: status,
+                                headers: ["content-length": String(message.readableBytes)]
+                            )
+                        ),
                         .body(.byteBuffer(message)), .end(nil),
                     ])
                 }

@@ -39,7 +39,11 @@ func expectUpstreamFailure(
 ) async -> UpstreamError? {
     do {
         let result = try await connection.forward(
-            head, body: body, forwarding: ForwardedFor(clientAddress: "192.0.2.7"), to: writer)
+            head,
+            body: body,
+            forwarding: ForwardedFor(clientAddress: "192.0.2.7"),
+            to: writer
+        )
         Issue.record("expected a failure, got \(result.status)")
         return nil
     } catch {
@@ -54,12 +58,15 @@ struct UpstreamConnectionTests {
             let connection = try makeUpstreamConnection(to: backend)
             let writer = CollectingResponseWriter()
             let head = upstreamTestRequest(
-                .POST, "/echo?a=1&b=two",
+                .POST,
+                "/echo?a=1&b=two",
                 headers: [("Content-Length", "11"), ("X-Custom", "value"), ("X-Request-Id", "req-42")]
             )
             let result = try await connection.forward(
-                head, body: ChunksBody(["hello ", "world"]),
-                forwarding: ForwardedFor(clientAddress: "192.0.2.7", proto: "https"), to: writer
+                head,
+                body: ChunksBody(["hello ", "world"]),
+                forwarding: ForwardedFor(clientAddress: "192.0.2.7", proto: "https"),
+                to: writer
             )
             #expect(result.status == .ok)
             #expect(result.statusClass == 2)
@@ -84,10 +91,15 @@ struct UpstreamConnectionTests {
             let writer = CollectingResponseWriter()
             // A client that sent both: Transfer-Encoding wins, Content-Length must not go upstream.
             let head = upstreamTestRequest(
-                .PUT, "/echo", headers: [("Transfer-Encoding", "chunked"), ("Content-Length", "3")])
+                .PUT,
+                "/echo",
+                headers: [("Transfer-Encoding", "chunked"), ("Content-Length", "3")]
+            )
             let result = try await connection.forward(
-                head, body: ChunksBody(["one,", "two,", "three"]),
-                forwarding: ForwardedFor(clientAddress: "192.0.2.7"), to: writer
+                head,
+                body: ChunksBody(["one,", "two,", "three"]),
+                forwarding: ForwardedFor(clientAddress: "192.0.2.7"),
+                to: writer
             )
             #expect(result.requestBodyBytes == 13)
             let response = try #require(writer.head)
@@ -104,8 +116,10 @@ struct UpstreamConnectionTests {
             let connection = try makeUpstreamConnection(to: backend)
             let writer = CollectingResponseWriter()
             let result = try await connection.forward(
-                upstreamTestRequest("/chunked?parts=5"), body: EmptyBody(),
-                forwarding: ForwardedFor(clientAddress: "192.0.2.7"), to: writer
+                upstreamTestRequest("/chunked?parts=5"),
+                body: EmptyBody(),
+                forwarding: ForwardedFor(clientAddress: "192.0.2.7"),
+                to: writer
             )
             #expect(result.status == .ok)
             #expect(writer.bodyString == "part-0;part-1;part-2;part-3;part-4;")
@@ -129,7 +143,11 @@ struct UpstreamConnectionTests {
                 ]
             )
             _ = try await connection.forward(
-                head, body: EmptyBody(), forwarding: ForwardedFor(clientAddress: "192.0.2.7"), to: writer)
+                head,
+                body: EmptyBody(),
+                forwarding: ForwardedFor(clientAddress: "192.0.2.7"),
+                to: writer
+            )
             let seen = try #require(writer.head).headers
             for name in [
                 "connection", "x-client-hop", "keep-alive", "te", "trailer", "upgrade",
@@ -141,8 +159,10 @@ struct UpstreamConnectionTests {
 
             let hopWriter = CollectingResponseWriter()
             _ = try await connection.forward(
-                upstreamTestRequest("/hop"), body: EmptyBody(),
-                forwarding: ForwardedFor(clientAddress: "192.0.2.7"), to: hopWriter
+                upstreamTestRequest("/hop"),
+                body: EmptyBody(),
+                forwarding: ForwardedFor(clientAddress: "192.0.2.7"),
+                to: hopWriter
             )
             let response = try #require(hopWriter.head).headers
             for name in ["connection", "x-backend-hop", "keep-alive", "proxy-authenticate", "trailer", "upgrade"] {
@@ -167,7 +187,8 @@ struct UpstreamConnectionTests {
                 ]
             )
             _ = try await connection.forward(
-                head, body: EmptyBody(),
+                head,
+                body: EmptyBody(),
                 forwarding: ForwardedFor(clientAddress: "192.0.2.7", host: "shop.example", proto: "https"),
                 to: writer
             )
@@ -187,8 +208,10 @@ struct UpstreamConnectionTests {
             for index in 0..<5 {
                 let writer = CollectingResponseWriter()
                 let result = try await connection.forward(
-                    upstreamTestRequest("/echo"), body: EmptyBody(),
-                    forwarding: ForwardedFor(clientAddress: "192.0.2.7"), to: writer
+                    upstreamTestRequest("/echo"),
+                    body: EmptyBody(),
+                    forwarding: ForwardedFor(clientAddress: "192.0.2.7"),
+                    to: writer
                 )
                 #expect(result.keptAlive)
                 #expect(result.reusedConnection == (index > 0))
@@ -199,13 +222,17 @@ struct UpstreamConnectionTests {
             #expect(connection.connectionsOpened == 1)
 
             let closing = try await connection.forward(
-                upstreamTestRequest("/close"), body: EmptyBody(),
-                forwarding: ForwardedFor(clientAddress: "192.0.2.7"), to: CollectingResponseWriter()
+                upstreamTestRequest("/close"),
+                body: EmptyBody(),
+                forwarding: ForwardedFor(clientAddress: "192.0.2.7"),
+                to: CollectingResponseWriter()
             )
             #expect(closing.keptAlive == false)
             let after = try await connection.forward(
-                upstreamTestRequest("/echo"), body: EmptyBody(),
-                forwarding: ForwardedFor(clientAddress: "192.0.2.7"), to: CollectingResponseWriter()
+                upstreamTestRequest("/echo"),
+                body: EmptyBody(),
+                forwarding: ForwardedFor(clientAddress: "192.0.2.7"),
+                to: CollectingResponseWriter()
             )
             #expect(after.reusedConnection == false)
             #expect(backend.connectionsAccepted == 2)
@@ -269,7 +296,9 @@ struct UpstreamConnectionTests {
         try await withUpstreamBackend { backend in
             let connection = try makeUpstreamConnection(to: backend, .init(idleTimeout: .milliseconds(300)))
             let writer = CollectingResponseWriter()
-            let error = try #require(await expectUpstreamFailure(connection, upstreamTestRequest("/hang-body"), writer: writer))
+            let error = try #require(
+                await expectUpstreamFailure(connection, upstreamTestRequest("/hang-body"), writer: writer)
+            )
             #expect(error.kind == .responseTruncated)
             #expect(error.responseBodyBytes == 10)
             #expect(writer.head?.status == .ok)
@@ -285,8 +314,10 @@ struct UpstreamConnectionTests {
             let writer = PausingResponseWriter(pause: .seconds(3))
             let total = 20 * 1024 * 1024
             let result = try await connection.forward(
-                upstreamTestRequest("/bytes?n=\(total)"), body: EmptyBody(),
-                forwarding: ForwardedFor(clientAddress: nil), to: writer
+                upstreamTestRequest("/bytes?n=\(total)"),
+                body: EmptyBody(),
+                forwarding: ForwardedFor(clientAddress: nil),
+                to: writer
             )
             #expect(result.responseBodyBytes == total)
             #expect(writer.bytes == total)
@@ -298,8 +329,10 @@ struct UpstreamConnectionTests {
             let connection = try makeUpstreamConnection(to: backend)
             let writer = CollectingResponseWriter()
             _ = try await connection.forward(
-                upstreamTestRequest(.POST, "/echo"), body: EmptyBody(),
-                forwarding: ForwardedFor(clientAddress: nil), to: writer
+                upstreamTestRequest(.POST, "/echo"),
+                body: EmptyBody(),
+                forwarding: ForwardedFor(clientAddress: nil),
+                to: writer
             )
             #expect(writer.head?.headers["x-req-content-length"] == ["0"])
             #expect(writer.head?.headers["x-req-transfer-encoding"].isEmpty == true)
@@ -314,7 +347,8 @@ struct UpstreamConnectionTests {
             let started = clock.now
             let error = try #require(
                 await expectUpstreamFailure(
-                    connection, upstreamTestRequest(.PUT, "/stall-upload", headers: [("Content-Length", String(total))]),
+                    connection,
+                    upstreamTestRequest(.PUT, "/stall-upload", headers: [("Content-Length", String(total))]),
                     body: GeneratedBody(total: total, peakResident: .init())
                 )
             )
@@ -338,15 +372,19 @@ struct UpstreamConnectionTests {
         try await withUpstreamBackend { backend in
             let connection = try makeUpstreamConnection(to: backend)
             let writer = CollectingResponseWriter()
-            let error = try #require(await expectUpstreamFailure(connection, upstreamTestRequest("/truncate"), writer: writer))
+            let error = try #require(
+                await expectUpstreamFailure(connection, upstreamTestRequest("/truncate"), writer: writer)
+            )
             #expect(error.kind == .responseTruncated)
             #expect(error.kind.suggestedStatus == nil)
             #expect(writer.head != nil)
             #expect(writer.response.ended == false)
             // The broken connection is not reused.
             _ = try await connection.forward(
-                upstreamTestRequest("/echo"), body: EmptyBody(),
-                forwarding: ForwardedFor(clientAddress: nil), to: CollectingResponseWriter()
+                upstreamTestRequest("/echo"),
+                body: EmptyBody(),
+                forwarding: ForwardedFor(clientAddress: nil),
+                to: CollectingResponseWriter()
             )
             #expect(connection.connectionsOpened == 2)
         }
@@ -364,8 +402,10 @@ struct UpstreamConnectionTests {
             #expect(error.kind == .clientAborted)
             #expect(clock.now - started < .seconds(5))
             let next = try await connection.forward(
-                upstreamTestRequest("/echo"), body: EmptyBody(),
-                forwarding: ForwardedFor(clientAddress: nil), to: CollectingResponseWriter()
+                upstreamTestRequest("/echo"),
+                body: EmptyBody(),
+                forwarding: ForwardedFor(clientAddress: nil),
+                to: CollectingResponseWriter()
             )
             #expect(next.reusedConnection == false)
             #expect(backend.connectionsAccepted == 2)
@@ -376,11 +416,13 @@ struct UpstreamConnectionTests {
         try await withUpstreamBackend { backend in
             let connection = try makeUpstreamConnection(to: backend)
             let error = try #require(
-                await expectUpstreamFailure(connection, upstreamTestRequest("/echo"), writer: FailingResponseWriter()))
+                await expectUpstreamFailure(connection, upstreamTestRequest("/echo"), writer: FailingResponseWriter())
+            )
             #expect(error.kind == .clientAborted)
             let broken = try #require(
                 await expectUpstreamFailure(
-                    connection, upstreamTestRequest(.POST, "/sink", headers: [("Transfer-Encoding", "chunked")]),
+                    connection,
+                    upstreamTestRequest(.POST, "/sink", headers: [("Transfer-Encoding", "chunked")]),
                     body: BrokenBody()
                 )
             )
@@ -396,8 +438,10 @@ struct UpstreamConnectionTests {
             let writer = CountingResponseWriter(backendWritten: { backend.bytesWrittenToSockets })
             let before = residentMemoryBytes()
             let result = try await connection.forward(
-                upstreamTestRequest("/bytes?n=\(total)"), body: EmptyBody(),
-                forwarding: ForwardedFor(clientAddress: nil), to: writer
+                upstreamTestRequest("/bytes?n=\(total)"),
+                body: EmptyBody(),
+                forwarding: ForwardedFor(clientAddress: nil),
+                to: writer
             )
             let figures = writer.figures
             #expect(result.responseBodyBytes == total)
@@ -409,7 +453,9 @@ struct UpstreamConnectionTests {
             #expect(figures.maxAhead < 40 * 1024 * 1024, "backend ran \(figures.maxAhead) bytes ahead")
             let growth = max(figures.peakResidentBytes - before, 0)
             #expect(growth < 64 * 1024 * 1024, "resident memory grew by \(growth) bytes")
-            print("200 MB response: backend at most \(figures.maxAhead / 1024) KiB ahead; RSS growth \(growth / 1024) KiB")
+            print(
+                "200 MB response: backend at most \(figures.maxAhead / 1024) KiB ahead; RSS growth \(growth / 1024) KiB"
+            )
         }
     }
 
@@ -423,7 +469,8 @@ struct UpstreamConnectionTests {
             let result = try await connection.forward(
                 upstreamTestRequest(.POST, "/sink", headers: [("Content-Length", String(total))]),
                 body: GeneratedBody(total: total, peakResident: peak),
-                forwarding: ForwardedFor(clientAddress: nil), to: writer
+                forwarding: ForwardedFor(clientAddress: nil),
+                to: writer
             )
             #expect(result.requestBodyBytes == total)
             #expect(writer.head?.headers["x-received-bytes"] == [String(total)])
@@ -438,7 +485,11 @@ struct UpstreamConnectionTests {
 func expectUpstreamFailureQuietly(_ connection: UpstreamConnection, _ head: HTTPRequestHead) async -> UpstreamError? {
     do {
         _ = try await connection.forward(
-            head, body: EmptyBody(), forwarding: ForwardedFor(clientAddress: nil), to: CollectingResponseWriter())
+            head,
+            body: EmptyBody(),
+            forwarding: ForwardedFor(clientAddress: nil),
+            to: CollectingResponseWriter()
+        )
         return nil
     } catch {
         return error

@@ -51,7 +51,9 @@ struct UpstreamForwardBenchmark {
                     while clock.now < deadline {
                         let started = clock.now
                         let result = try await connection.forward(
-                            head, body: EmptyBody(), forwarding: ForwardedFor(clientAddress: "127.0.0.1"),
+                            head,
+                            body: EmptyBody(),
+                            forwarding: ForwardedFor(clientAddress: "127.0.0.1"),
                             to: DroppingResponseWriter()
                         )
                         latencies.append(clock.now - started)
@@ -81,7 +83,7 @@ struct UpstreamForwardBenchmark {
 
 extension UpstreamForwardBenchmark {
     /// Serves the test's minimal proxy (``MiniUpstreamProxy``: server pipeline,
-    /// RequestBodyStream, a task per request, ServerResponseWriter, one upstream
+    /// RequestBodyStream, a task per request, a writer onto the client channel, one upstream
     /// connection per client connection) in front of `UPSTREAM_BENCH_URL` on
     /// `UPSTREAM_BENCH_PROXY_PORT` for `UPSTREAM_BENCH_PROXY_SECONDS`, for a load
     /// generator such as wrk to measure the whole proxying path without the balancer.

@@ -43,7 +43,13 @@ struct UpstreamHealthTests {
         let (transitions, continuation) = AsyncStream<HealthChecker.Transition>.makeStream()
         let checker = HealthChecker(
             backend: backend,
-            configuration: .init(path: "/status?code=200", interval: .milliseconds(50), timeout: .milliseconds(500), rise: 2, fall: 2),
+            configuration: .init(
+                path: "/status?code=200",
+                interval: .milliseconds(50),
+                timeout: .milliseconds(500),
+                rise: 2,
+                fall: 2
+            ),
             onTransition: { continuation.yield($0) }
         )
         let running = Task { try await checker.run() }
@@ -135,9 +141,33 @@ struct UpstreamBackendTests {
 
     @Test func statsCountResponsesByClassErrorsAndBytes() {
         var stats = UpstreamStats()
-        stats.record(ForwardResult(status: .ok, requestBodyBytes: 10, responseBodyBytes: 100, reusedConnection: false, keptAlive: true))
-        stats.record(ForwardResult(status: .notFound, requestBodyBytes: 0, responseBodyBytes: 5, reusedConnection: true, keptAlive: true))
-        stats.record(ForwardResult(status: .badGateway, requestBodyBytes: 0, responseBodyBytes: 0, reusedConnection: true, keptAlive: true))
+        stats.record(
+            ForwardResult(
+                status: .ok,
+                requestBodyBytes: 10,
+                responseBodyBytes: 100,
+                reusedConnection: false,
+                keptAlive: true
+            )
+        )
+        stats.record(
+            ForwardResult(
+                status: .notFound,
+                requestBodyBytes: 0,
+                responseBodyBytes: 5,
+                reusedConnection: true,
+                keptAlive: true
+            )
+        )
+        stats.record(
+            ForwardResult(
+                status: .badGateway,
+                requestBodyBytes: 0,
+                responseBodyBytes: 0,
+                reusedConnection: true,
+                keptAlive: true
+            )
+        )
         stats.record(UpstreamError(.responseTimeout, backend: "b", detail: "", requestBodyBytes: 3))
         #expect(stats.responses == 3)
         #expect(stats.responses2xx == 1 && stats.responses4xx == 1 && stats.responses5xx == 1)

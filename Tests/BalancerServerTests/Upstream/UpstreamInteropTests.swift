@@ -20,15 +20,19 @@ struct UpstreamInteropTests {
             let connection = try makeUpstreamConnection(to: backend)
             let writer = CollectingResponseWriter()
             let result = try await connection.forward(
-                upstreamTestRequest(.HEAD, "/bytes?n=1000"), body: EmptyBody(),
-                forwarding: ForwardedFor(clientAddress: nil), to: writer
+                upstreamTestRequest(.HEAD, "/bytes?n=1000"),
+                body: EmptyBody(),
+                forwarding: ForwardedFor(clientAddress: nil),
+                to: writer
             )
             #expect(result.status == .ok && result.responseBodyBytes == 0 && result.keptAlive)
             #expect(writer.head?.headers["content-length"] == ["1000"])
             #expect(writer.response.ended)
             let next = try await connection.forward(
-                upstreamTestRequest("/bytes?n=5"), body: EmptyBody(),
-                forwarding: ForwardedFor(clientAddress: nil), to: CollectingResponseWriter()
+                upstreamTestRequest("/bytes?n=5"),
+                body: EmptyBody(),
+                forwarding: ForwardedFor(clientAddress: nil),
+                to: CollectingResponseWriter()
             )
             #expect(next.reusedConnection && next.responseBodyBytes == 5)
         }
@@ -38,14 +42,18 @@ struct UpstreamInteropTests {
         try await withUpstreamBackend { backend in
             let connection = try makeUpstreamConnection(to: backend)
             _ = try await connection.forward(
-                upstreamTestRequest("/echo"), body: EmptyBody(),
-                forwarding: ForwardedFor(clientAddress: nil), to: CollectingResponseWriter()
+                upstreamTestRequest("/echo"),
+                body: EmptyBody(),
+                forwarding: ForwardedFor(clientAddress: nil),
+                to: CollectingResponseWriter()
             )
             await backend.closeClientConnections()
             try await Task.sleep(for: .milliseconds(100))
             let result = try await connection.forward(
-                upstreamTestRequest("/echo"), body: EmptyBody(),
-                forwarding: ForwardedFor(clientAddress: nil), to: CollectingResponseWriter()
+                upstreamTestRequest("/echo"),
+                body: EmptyBody(),
+                forwarding: ForwardedFor(clientAddress: nil),
+                to: CollectingResponseWriter()
             )
             #expect(result.status == .ok)
             #expect(result.reusedConnection == false)
@@ -57,15 +65,19 @@ struct UpstreamInteropTests {
         try await withUpstreamBackend { backend in
             let connection = try makeUpstreamConnection(to: backend)
             let first = try await connection.forward(
-                upstreamTestRequest("/unsolicited"), body: EmptyBody(),
-                forwarding: ForwardedFor(clientAddress: nil), to: CollectingResponseWriter()
+                upstreamTestRequest("/unsolicited"),
+                body: EmptyBody(),
+                forwarding: ForwardedFor(clientAddress: nil),
+                to: CollectingResponseWriter()
             )
             #expect(first.status == .ok && first.keptAlive)
             try await Task.sleep(for: .milliseconds(400))
             let writer = CollectingResponseWriter()
             let second = try await connection.forward(
-                upstreamTestRequest("/echo"), body: EmptyBody(),
-                forwarding: ForwardedFor(clientAddress: nil), to: writer
+                upstreamTestRequest("/echo"),
+                body: EmptyBody(),
+                forwarding: ForwardedFor(clientAddress: nil),
+                to: writer
             )
             #expect(second.status == .ok)
             #expect(second.reusedConnection == false)
@@ -115,8 +127,10 @@ struct UpstreamInteropTests {
         for _ in 0..<2 {
             let writer = CollectingResponseWriter()
             let result = try await connection.forward(
-                upstreamTestRequest("/hello.txt"), body: EmptyBody(),
-                forwarding: ForwardedFor(clientAddress: "192.0.2.7"), to: writer
+                upstreamTestRequest("/hello.txt"),
+                body: EmptyBody(),
+                forwarding: ForwardedFor(clientAddress: "192.0.2.7"),
+                to: writer
             )
             #expect(result.status == .ok)
             #expect(writer.bodyString == "hello from python\n")
@@ -126,7 +140,11 @@ struct UpstreamInteropTests {
         #expect(connection.connectionsOpened == 2)
         let missing = CollectingResponseWriter()
         let notFound = try await connection.forward(
-            upstreamTestRequest("/missing"), body: EmptyBody(), forwarding: ForwardedFor(clientAddress: nil), to: missing)
+            upstreamTestRequest("/missing"),
+            body: EmptyBody(),
+            forwarding: ForwardedFor(clientAddress: nil),
+            to: missing
+        )
         #expect(notFound.status == .notFound && notFound.statusClass == 4)
     }
 }

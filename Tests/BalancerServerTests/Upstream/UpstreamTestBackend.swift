@@ -82,8 +82,11 @@ final class UpstreamTestBackend: Sendable {
                     }
                 }
             let backend = UpstreamTestBackend(
-                port: server.channel.localAddress!.port!, serverChannel: server.channel, socketBytes: counter,
-                unserved: unserved)
+                port: server.channel.localAddress!.port!,
+                serverChannel: server.channel,
+                socketBytes: counter,
+                unserved: unserved
+            )
             let task = Task {
                 _ = try? await server.executeThenClose { inbound in
                     await withDiscardingTaskGroup { group in
@@ -156,7 +159,12 @@ final class UpstreamTestBackend: Sendable {
             while let part = try await requests.next() {
                 guard case .head(let head) = part else { continue }
                 let keepGoing = try await respond(
-                    to: head, id: id, connection: connection, requests: &requests, outbound: outbound)
+                    to: head,
+                    id: id,
+                    connection: connection,
+                    requests: &requests,
+                    outbound: outbound
+                )
                 if !keepGoing { return }
             }
         }
@@ -182,7 +190,9 @@ final class UpstreamTestBackend: Sendable {
             while let part = try await requests.next() {
                 switch part {
                 case .body(let buffer): try await outbound.write(.body(.byteBuffer(buffer)))
-                case .end: try await outbound.write(.end(nil)); return true
+                case .end:
+                    try await outbound.write(.end(nil))
+                    return true
                 case .head: return false
                 }
             }
@@ -222,7 +232,9 @@ final class UpstreamTestBackend: Sendable {
             }
             headers.add(name: "x-received-bytes", value: String(received))
             headers.add(name: "content-length", value: "0")
-            try await outbound.write(contentsOf: [.head(HTTPResponseHead(version: .http1_1, status: .ok, headers: headers)), .end(nil)])
+            try await outbound.write(contentsOf: [
+                .head(HTTPResponseHead(version: .http1_1, status: .ok, headers: headers)), .end(nil),
+            ])
             return true
         case "/hang":
             try await Self.drain(&requests)
@@ -289,7 +301,8 @@ final class UpstreamTestBackend: Sendable {
             let code = Int(query["code"] ?? "") ?? 404
             headers.add(name: "content-length", value: "0")
             try await outbound.write(contentsOf: [
-                .head(HTTPResponseHead(version: .http1_1, status: .init(statusCode: code), headers: headers)), .end(nil),
+                .head(HTTPResponseHead(version: .http1_1, status: .init(statusCode: code), headers: headers)),
+                .end(nil),
             ])
             return true
         }
