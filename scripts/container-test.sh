@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Builds the top-level Dockerfile with podman and tests the image for real:
 # /jobs and /stats answer, `podman stop` (SIGTERM to PID 1) drains in-flight
-# jobs and exits 0, the process is not root, the HEALTHCHECK passes. Prints
-# the image size.
+# jobs and exits 0, the process is not root, the HEALTHCHECK passes; then, in
+# upstream mode as deploy/docker-compose.yml runs it, requests are proxied by
+# name to two backends. Prints the image size.
 #
 # No base image can be pulled here, so it makes local stand-ins and passes
 # them as build arguments to the same Dockerfile users build:
@@ -27,6 +28,7 @@
 #   CACHE_DIR         where the rootfs tarball is kept
 #                     [default: ${XDG_CACHE_HOME:-$HOME/.cache}/swift-balancer]
 #   KEEP_IMAGE=1      leave the built image (swift-balancer:container-test-PID)
+#   CONTAINER_TEST_UPSTREAMS=0   skip the upstream-mode check
 #
 # The container runs as deploy/ runs it: read-only root, no capabilities,
 # no-new-privileges. Traffic goes to 127.0.0.1 only: the container shares the
@@ -61,12 +63,20 @@ podman_run_flags+=(--read-only --cap-drop ALL --security-opt no-new-privileges)
 
 work=$(mktemp -d /tmp/balancer-container-test.XXXXXX)
 swift_image=localhost/swift-balancer-swift:stand-in-$$
-made_base=0 made_swift=0 made_image=0 made_container=0
-curl_pids=()
+made_base=0 made_swift=0 made_image=0 made_container=0 made_proxy=0
+curl_pids=() backend_pids=()
+proxy=swift-balancer-$tag-proxy
 cleanup() {
     local rc=$?
     set +e
-    for pid in "${curl_pids[@]}"; do kill "$pid" 2>/dev/null; done
+    for pid in "${curl_pids[@]}" "${backend_pids[@]}"; do kill "$pid" 2>/dev/null; done
+    if ((made_proxy)); then
+        if ((rc != 0)); then
+            echo "-- proxy container log (last 30 lines):" >&2
+            podman logs "$proxy" 2>&1 | tail -30 >&2
+        fi
+        podman rm -f -t 0 "$proxy" >/dev/null 2>&1
+    fi
     if ((made_container)); then
         if ((rc != 0)); then
             echo "-- container log (last 30 lines):" >&2
@@ -316,6 +326,48 @@ podman logs "$container" 2>&1 | grep -q 'draining' || fail "the log shows no dra
 ((bad == 0)) || fail "$bad of $jobs_in_flight in-flight jobs were not answered 200"
 [[ $exit_code == 0 ]] || fail "exit code after podman stop: $exit_code"
 say "ok: all $jobs_in_flight in-flight jobs answered 200; exit 0 after a $(python3 -c "print(f'{$t1 - $t0:.1f}')") s drain"
+
+# In front of upstreams, as deploy/docker-compose.yml runs it: `serve
+# --upstream http://backend1:PORT --upstream http://backend2:PORT`, with the
+# two names resolving (--add-host) to two small HTTP servers on the host's
+# loopback, each serving a page that names it.
+if [[ ${CONTAINER_TEST_UPSTREAMS:-1} == 1 ]]; then
+    ports=()
+    for b in 1 2; do
+        mkdir -p "$work/backend$b"
+        echo "backend$b" >"$work/backend$b/index.html"
+        ports+=("$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')")
+        python3 -m http.server "${ports[b - 1]}" --bind 127.0.0.1 --directory "$work/backend$b" \
+            >"$work/backend$b.log" 2>&1 &
+        backend_pids+=($!)
+    done
+    proxy_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    say "upstream mode: podman run ... serve --upstream http://backend1:${ports[0]} --upstream http://backend2:${ports[1]}"
+    made_proxy=1
+    podman run -d --name "$proxy" "${podman_run_flags[@]}" \
+        --add-host backend1:127.0.0.1 --add-host backend2:127.0.0.1 \
+        -e BALANCER_HOST=127.0.0.1 -e BALANCER_PORT="$proxy_port" \
+        "$image" serve --upstream "http://backend1:${ports[0]}" --upstream "http://backend2:${ports[1]}" \
+        >/dev/null 2>>"$work/run.log" || { cat "$work/run.log" >&2; fail "podman run (upstream mode)"; }
+    for _ in $(seq 1 100); do
+        curl -fsS -m 1 "http://127.0.0.1:$proxy_port/readyz" >/dev/null 2>&1 && break
+        sleep 0.2
+    done
+    curl -fsS -m 2 "http://127.0.0.1:$proxy_port/readyz" >/dev/null || fail "upstream mode: not ready within 20 s"
+    : >"$work/proxied"
+    for _ in $(seq 1 20); do
+        curl -fsS -m 5 "http://127.0.0.1:$proxy_port/index.html" >>"$work/proxied" 2>>"$work/proxied.err" \
+            || fail "upstream mode: GET /index.html failed: $(tail -1 "$work/proxied.err")"
+    done
+    n1=$(grep -c '^backend1$' "$work/proxied" || true)
+    n2=$(grep -c '^backend2$' "$work/proxied" || true)
+    ((n1 + n2 == 20)) || fail "upstream mode: unexpected bodies: $(sort "$work/proxied" | uniq -c | tr '\n' ' ')"
+    ((n1 > 0 && n2 > 0)) || fail "upstream mode: 20 requests reached only one backend ($n1 / $n2)"
+    podman stop -t 10 "$proxy" >/dev/null 2>>"$work/run.log"
+    proxy_exit=$(podman inspect --format '{{.State.ExitCode}}' "$proxy")
+    [[ $proxy_exit == 0 ]] || fail "upstream mode: exit code after podman stop: $proxy_exit"
+    say "ok: 20 GETs proxied by name to backend1 ($n1) and backend2 ($n2); exit 0 on stop"
+fi
 
 say "image size: $size_human"
 say "container test passed in $(($(date +%s) - started)) s"
