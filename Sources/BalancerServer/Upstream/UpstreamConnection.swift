@@ -126,8 +126,14 @@ public final class UpstreamConnection: @unchecked Sendable {
         live = nil  // lent to this exchange; put back only if it ends cleanly
 
         let channel = connection.channel
+        // Past this point the writer is an existential and only the upload is
+        // generic, so a body-less exchange runs no unspecialized generic code.
+        let writer: any ProxyResponseWriter = writer
         let outcome = await withTaskCancellationHandler {
-            await exchange(&connection, head: upstreamHead, framing: framing, body: body, writer: writer)
+            if framing == .none {
+                return await exchange(&connection, head: upstreamHead, writer: writer)
+            }
+            return await exchange(&connection, head: upstreamHead, framing: framing, body: body, writer: writer)
         } onCancel: {
             channel.close(promise: nil)
         }
@@ -233,34 +239,36 @@ public final class UpstreamConnection: @unchecked Sendable {
 
     // MARK: - One exchange
 
-    /// Sends the request and streams the response; never throws, so the caller
-    /// decides in one place whether the connection is kept.
+    /// Sends a request without a body and streams the response; never throws,
+    /// so the caller decides in one place whether the connection is kept.
+    private func exchange(
+        _ connection: inout Live,
+        head: HTTPRequestHead,
+        writer: any ProxyResponseWriter
+    ) async -> Result<ForwardResult, UpstreamError> {
+        do {
+            try await connection.outbound.write(contentsOf: [.head(head), .end(nil)])
+        } catch {
+            return .failure(notSent(error))
+        }
+        return await receive(&connection.inbound, writer: writer, upload: nil)
+    }
+
+    /// Sends a request with a body while the response streams back; never throws.
+    ///
+    /// The body goes up from a child task, so a backend that answers before it
+    /// has read the whole body (or echoes as it reads) does not deadlock.
     private func exchange<Body: AsyncSequence & Sendable>(
         _ connection: inout Live,
         head: HTTPRequestHead,
         framing: ProxyHeaders.RequestFraming,
         body: Body,
-        writer: some ProxyResponseWriter
+        writer: any ProxyResponseWriter
     ) async -> Result<ForwardResult, UpstreamError> where Body.Element == ByteBuffer {
         do {
-            if framing == .none {
-                try await connection.outbound.write(contentsOf: [.head(head), .end(nil)])
-            } else {
-                try await connection.outbound.write(.head(head))
-            }
+            try await connection.outbound.write(.head(head))
         } catch {
-            if Task.isCancelled { return .failure(clientAborted("the client went away", upload: nil)) }
-            return .failure(
-                UpstreamError(
-                    .closedBeforeRequestSent,
-                    backend: backend.name,
-                    detail: "the connection closed before the request was sent: \(error)"
-                )
-            )
-        }
-
-        if framing == .none {
-            return await receive(&connection.inbound, writer: writer, upload: nil)
+            return .failure(notSent(error))
         }
         let upload = UploadProgress()
         let outbound = connection.outbound
@@ -285,10 +293,20 @@ public final class UpstreamConnection: @unchecked Sendable {
         }
     }
 
+    /// The failure of writing the request head: nothing reached the backend.
+    private func notSent(_ error: any Error) -> UpstreamError {
+        if Task.isCancelled { return clientAborted("the client went away", upload: nil) }
+        return UpstreamError(
+            .closedBeforeRequestSent,
+            backend: backend.name,
+            detail: "the connection closed before the request was sent: \(error)"
+        )
+    }
+
     /// Reads the response head and body from the backend and writes them to `writer`.
     private func receive(
         _ inbound: inout Inbound.AsyncIterator,
-        writer: some ProxyResponseWriter,
+        writer: any ProxyResponseWriter,
         upload: UploadProgress?
     ) async -> Result<ForwardResult, UpstreamError> {
         let responseHead: HTTPResponseHead
