@@ -6,9 +6,9 @@ import FoundationNetworking
 #endif
 
 /// The built `balancer` executable, next to this test bundle (`swift build` first),
-/// or `BALANCER_BIN`.
+/// or `TEST_BALANCER_BIN` (not a `BALANCER_*` name: `serve` refuses unknown `BALANCER_*` variables).
 let balancerBinary: URL? = {
-    if let path = ProcessInfo.processInfo.environment["BALANCER_BIN"] { return URL(fileURLWithPath: path) }
+    if let path = ProcessInfo.processInfo.environment["TEST_BALANCER_BIN"] { return URL(fileURLWithPath: path) }
     var directory = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent()
     for _ in 0..<4 {
         let candidate = directory.appendingPathComponent("balancer")
