@@ -286,7 +286,10 @@ comm=$(cat "/proc/$pid/comm")
 say "ok: PID 1 is balancer, uid $uid_inside (host /proc: $uid_host)"
 
 # the HEALTHCHECK from the image, as podman runs it
-podman inspect --format '{{json .Config.Healthcheck}}' "$container" | grep -q 'balancer' \
+# (Output captured before grep: `grep -q` quits at the first match, and with
+# pipefail the writer's SIGPIPE would fail the pipeline.)
+healthcheck_json=$(podman inspect --format '{{json .Config.Healthcheck}}' "$container")
+grep -q 'balancer' <<<"$healthcheck_json" \
     || fail "the image has no HEALTHCHECK (built without --format docker?)"
 podman healthcheck run "$container" >"$work/health.log" 2>&1 \
     || { cat "$work/health.log" >&2; fail "HEALTHCHECK"; }
@@ -322,7 +325,8 @@ for i in $(seq 1 $jobs_in_flight); do
     fi
 done
 exit_code=$(podman inspect --format '{{.State.ExitCode}}' "$container")
-podman logs "$container" 2>&1 | grep -q 'draining' || fail "the log shows no drain after SIGTERM"
+podman logs "$container" >"$work/container.log" 2>&1
+grep -q 'draining' "$work/container.log" || fail "the log shows no drain after SIGTERM"
 ((bad == 0)) || fail "$bad of $jobs_in_flight in-flight jobs were not answered 200"
 [[ $exit_code == 0 ]] || fail "exit code after podman stop: $exit_code"
 say "ok: all $jobs_in_flight in-flight jobs answered 200; exit 0 after a $(python3 -c "print(f'{$t1 - $t0:.1f}')") s drain"
