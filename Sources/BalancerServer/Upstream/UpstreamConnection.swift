@@ -271,11 +271,10 @@ public final class UpstreamConnection: @unchecked Sendable {
             return .failure(notSent(error))
         }
         let upload = UploadProgress()
-        let outbound = connection.outbound
         let channel = connection.channel
         return await withTaskGroup(of: Void.self) { group in
             group.addTask {
-                await Self.upload(body, framing: framing, to: outbound, closing: channel, progress: upload)
+                await Self.upload(body, framing: framing, closing: channel, progress: upload)
             }
             var outcome = await receive(&connection.inbound, writer: writer, upload: upload)
             if !upload.finished {
@@ -440,10 +439,15 @@ public final class UpstreamConnection: @unchecked Sendable {
     /// `Content-Length`) is recorded in `progress` and closes the upstream
     /// connection, which ends the response side too. A failed upstream write just
     /// stops: the response side sees the same broken connection and classifies it.
+    ///
+    /// Each piece is written straight to the channel and awaited until the socket
+    /// took it, so at most one piece (plus the kernel's buffer) is in flight. The
+    /// async writer's backpressure is not enough here: it learns that the channel
+    /// became unwritable only after a hop to the event loop, and a fast body can run
+    /// far ahead in the meantime (over 100 MB was seen on a loaded machine).
     private static func upload<Body: AsyncSequence & Sendable>(
         _ body: Body,
         framing: ProxyHeaders.RequestFraming,
-        to outbound: Outbound,
         closing channel: any Channel,
         progress: UploadProgress
     ) async where Body.Element == ByteBuffer {
@@ -469,7 +473,7 @@ public final class UpstreamConnection: @unchecked Sendable {
                     channel.close(promise: nil)
                     return
                 }
-                try await outbound.write(.body(.byteBuffer(chunk)))
+                try await channel.writeAndFlush(HTTPClientRequestPart.body(.byteBuffer(chunk))).get()
                 progress.add(chunk.readableBytes)
             }
             if let expected, sent != expected {
@@ -477,7 +481,7 @@ public final class UpstreamConnection: @unchecked Sendable {
                 channel.close(promise: nil)
                 return
             }
-            try await outbound.write(.end(nil))
+            try await channel.writeAndFlush(HTTPClientRequestPart.end(nil)).get()
             progress.finish()
         } catch {
             // The upstream write failed; the response side reports the broken connection.

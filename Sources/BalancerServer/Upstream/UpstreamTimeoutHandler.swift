@@ -23,8 +23,9 @@ enum UpstreamTimeout: Error, Sendable, Hashable {
 ///   asked the backend for bytes and none came). When the client is slow, the
 ///   async channel withholds `read()` and the clock stops, so a slow client is
 ///   never blamed on the backend;
-/// - request body phase: the idle clock runs only while the channel is not
-///   writable (the backend is not draining what we send);
+/// - request body phase: the idle clock runs only while a body write has not
+///   reached the socket, and restarts whenever one does (the backend is not
+///   draining what we send);
 /// - response `.end` read: nothing runs (an idle keep-alive connection has no timer).
 ///
 /// It also guards the idle connection: a response part that arrives when no
@@ -53,6 +54,8 @@ final class UpstreamTimeoutHandler: ChannelDuplexHandler, RemovableChannelHandle
     private var headTimer: Scheduled<Void>?
     private var idleTimer: Scheduled<Void>?
     private var stallTimer: Scheduled<Void>?
+    /// Request body writes handed down and not yet on the socket.
+    private var pendingBodyWrites = 0
 
     init(responseHeaderTimeout: TimeAmount, idleTimeout: TimeAmount) {
         self.responseHeaderTimeout = responseHeaderTimeout
@@ -67,9 +70,16 @@ final class UpstreamTimeoutHandler: ChannelDuplexHandler, RemovableChannelHandle
             awaitingHead = false
             receivingBody = false
         case .body:
-            break
+            if sendingRequest {
+                let promise = promise ?? context.eventLoop.makePromise()
+                writeStarted(context: context)
+                promise.futureResult.assumeIsolated().whenComplete { _ in self.writeCompleted(context: context) }
+                context.write(data, promise: promise)
+                return
+            }
         case .end:
             sendingRequest = false
+            pendingBodyWrites = 0
             stallTimer?.cancel()
             stallTimer = nil
             if !receivingBody {
@@ -113,19 +123,27 @@ final class UpstreamTimeoutHandler: ChannelDuplexHandler, RemovableChannelHandle
         context.read()
     }
 
-    func channelWritabilityChanged(context: ChannelHandlerContext) {
-        if sendingRequest {
-            if context.channel.isWritable {
-                stallTimer?.cancel()
-                stallTimer = nil
-            } else if stallTimer == nil {
-                stallTimer = context.eventLoop.assumeIsolated().scheduleTask(in: idleTimeout) {
-                    self.stallTimer = nil
-                    self.fire(.idle, context: context)
-                }
-            }
+    /// A request body write went out: the stall clock runs while any is pending.
+    private func writeStarted(context: ChannelHandlerContext) {
+        pendingBodyWrites += 1
+        if stallTimer == nil { armStallTimer(context: context) }
+    }
+
+    /// A request body write reached the socket (or failed): progress, so the
+    /// stall clock starts again, or stops when nothing is pending.
+    private func writeCompleted(context: ChannelHandlerContext) {
+        guard pendingBodyWrites > 0 else { return }
+        pendingBodyWrites -= 1
+        stallTimer?.cancel()
+        stallTimer = nil
+        if pendingBodyWrites > 0 && sendingRequest { armStallTimer(context: context) }
+    }
+
+    private func armStallTimer(context: ChannelHandlerContext) {
+        stallTimer = context.eventLoop.assumeIsolated().scheduleTask(in: idleTimeout) {
+            self.stallTimer = nil
+            if self.sendingRequest && self.pendingBodyWrites > 0 { self.fire(.idle, context: context) }
         }
-        context.fireChannelWritabilityChanged()
     }
 
     /// A decoding or I/O error breaks the connection for good: pass it on (the
@@ -170,6 +188,7 @@ final class UpstreamTimeoutHandler: ChannelDuplexHandler, RemovableChannelHandle
 
     private func fire(_ timeout: UpstreamTimeout, context: ChannelHandlerContext) {
         cancelTimers()
+        pendingBodyWrites = 0
         inExchange = false
         sendingRequest = false
         awaitingHead = false

@@ -451,8 +451,10 @@ struct UpstreamConnectionTests {
             // finish far ahead. What it runs ahead (counted at its sockets) sits mostly in
             // the kernel's loopback buffers (autotuned; tcp_rmem allows up to 32 MB here).
             #expect(figures.maxAhead < 40 * 1024 * 1024, "backend ran \(figures.maxAhead) bytes ahead")
+            // Resident memory is the whole process's: suites running in parallel add to
+            // it, so its bound is looser than the bytes-in-flight one above.
             let growth = max(figures.peakResidentBytes - before, 0)
-            #expect(growth < 64 * 1024 * 1024, "resident memory grew by \(growth) bytes")
+            #expect(growth < 128 * 1024 * 1024, "resident memory grew by \(growth) bytes")
             print(
                 "200 MB response: backend at most \(figures.maxAhead / 1024) KiB ahead; RSS growth \(growth / 1024) KiB"
             )
@@ -467,16 +469,21 @@ struct UpstreamConnectionTests {
             let before = residentMemoryBytes()
             let writer = CollectingResponseWriter()
             let result = try await connection.forward(
-                upstreamTestRequest(.POST, "/sink", headers: [("Content-Length", String(total))]),
-                body: GeneratedBody(total: total, peakResident: peak),
+                upstreamTestRequest(.POST, "/sink?slow=1", headers: [("Content-Length", String(total))]),
+                body: GeneratedBody(total: total, peakResident: peak, received: { backend.bytesReceivedBySink }),
                 forwarding: ForwardedFor(clientAddress: nil),
                 to: writer
             )
             #expect(result.requestBodyBytes == total)
             #expect(writer.head?.headers["x-received-bytes"] == [String(total)])
+            // The client's body is read only as fast as the slower backend takes it;
+            // what is in flight sits mostly in the kernel's loopback buffers.
+            #expect(peak.maxAhead < 40 * 1024 * 1024, "the body ran \(peak.maxAhead) bytes ahead of the backend")
             let growth = max(peak.bytes - before, 0)
-            #expect(growth < 64 * 1024 * 1024, "resident memory grew by \(growth) bytes")
-            print("200 MB request body: RSS growth \(growth / 1024) KiB")
+            #expect(growth < 128 * 1024 * 1024, "resident memory grew by \(growth) bytes")
+            print(
+                "200 MB request body: at most \(peak.maxAhead / 1024) KiB ahead of the backend; RSS growth \(growth / 1024) KiB"
+            )
         }
     }
 }

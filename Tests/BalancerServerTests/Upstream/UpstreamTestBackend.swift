@@ -12,14 +12,14 @@ import Synchronization
 /// - `/bytes?n=N`: `N` bytes with `Content-Length`, written 64 KiB at a time
 ///   with backpressure (``bytesWritten`` counts what was handed to the socket).
 /// - `/chunked?parts=P`: `P` chunks of `part-<i>;` without a length, then trailer `x-checksum: P`.
-/// - `/sink`: reads the body and answers `x-received-bytes`.
+/// - `/sink[?slow=1]`: reads the body (``bytesReceivedBySink`` counts it) and answers `x-received-bytes`.
 /// - `/hang`: reads the request and never answers.
 /// - `/hang-body`: sends a head announcing 100 bytes, 10 of them, then nothing.
 /// - `/truncate`: sends a head announcing 1 000 000 bytes, 1000 of them, then closes.
 /// - `/close`: answers with `Connection: close` and closes.
 /// - `/hop`: answers with hop-by-hop headers that must not reach the client.
 /// - `/stall-upload`: never reads the request body (nor answers).
-/// - `/unsolicited`: answers 200, then sends an unrequested 408 on the idle connection.
+/// - `/unsolicited`: answers 200, then 300 ms later sends an unrequested 408 on the idle connection.
 /// - `/status?code=C`: answers status `C`.
 /// Every response carries `x-connection-id`, the number of the TCP connection.
 ///
@@ -32,6 +32,7 @@ final class UpstreamTestBackend: Sendable {
     private let serverChannel: any Channel
     private let accepted: Atomic<Int>
     private let written: Atomic<Int>
+    private let sinkReceived = Atomic<Int>(0)
     private let socketBytes: SocketWriteCounter.Total
     private let unserved: Unserved
     private let children: Mutex<[ObjectIdentifier: any Channel]>
@@ -39,6 +40,8 @@ final class UpstreamTestBackend: Sendable {
 
     /// TCP connections accepted so far.
     var connectionsAccepted: Int { accepted.load(ordering: .relaxed) }
+    /// Request body bytes `/sink` has read so far.
+    var bytesReceivedBySink: Int { sinkReceived.load(ordering: .relaxed) }
     /// Response body bytes handed to the async writer by `/bytes`.
     var bytesWritten: Int { written.load(ordering: .relaxed) }
     /// Bytes of all responses the kernel has accepted on the backend's sockets (head and framing included).
@@ -222,10 +225,17 @@ final class UpstreamTestBackend: Sendable {
             try await outbound.write(.end(["x-checksum": String(parts)]))
             return true
         case "/sink":
+            // `?slow=1`: pause 1 ms every 32 pieces, slower than the client.
+            let slow = query["slow"] == "1"
             var received = 0
+            var pieces = 0
             loop: while let part = try await requests.next() {
                 switch part {
-                case .body(let buffer): received += buffer.readableBytes
+                case .body(let buffer):
+                    received += buffer.readableBytes
+                    sinkReceived.add(buffer.readableBytes, ordering: .relaxed)
+                    pieces += 1
+                    if slow && pieces % 32 == 0 { try await Task.sleep(for: .milliseconds(1)) }
                 case .end: break loop
                 case .head: return false
                 }
@@ -267,14 +277,14 @@ final class UpstreamTestBackend: Sendable {
             while connection.channel.isActive { try await Task.sleep(for: .milliseconds(50)) }
             return false
         case "/unsolicited":
-            // Answers, then 100 ms later sends a 408 nobody asked for and keeps the
+            // Answers, then 300 ms later sends a 408 nobody asked for and keeps the
             // connection open (some servers announce their idle timeout this way).
             try await Self.drain(&requests)
             headers.add(name: "content-length", value: "0")
             try await outbound.write(contentsOf: [
                 .head(HTTPResponseHead(version: .http1_1, status: .ok, headers: headers)), .end(nil),
             ])
-            try await Task.sleep(for: .milliseconds(100))
+            try await Task.sleep(for: .milliseconds(300))
             try await outbound.write(contentsOf: [
                 .head(HTTPResponseHead(version: .http1_1, status: .requestTimeout, headers: ["content-length": "0"])),
                 .end(nil),

@@ -128,20 +128,32 @@ struct ChunksBody: AsyncSequence, Sendable {
 }
 
 /// A generated request body of `total` bytes in 64 KiB slices of one buffer
-/// (no allocation per element), sampling resident memory as it goes.
+/// (no allocation per element), sampling resident memory as it goes and, when
+/// given what the backend has received so far, how far ahead of it the body ran.
 struct GeneratedBody: AsyncSequence, Sendable {
     typealias Element = ByteBuffer
     let total: Int
     let peakResident: Peak
+    var received: @Sendable () -> Int = { 0 }
 
     final class Peak: Sendable {
         private let value = Atomic<Int>(0)
+        private let ahead = Atomic<Int>(0)
         var bytes: Int { value.load(ordering: .relaxed) }
-        func sample() {
-            let now = residentMemoryBytes()
-            var current = value.load(ordering: .relaxed)
-            while now > current {
-                let (exchanged, original) = value.compareExchange(expected: current, desired: now, ordering: .relaxed)
+        /// Largest (bytes produced − bytes the backend had received) seen.
+        var maxAhead: Int { ahead.load(ordering: .relaxed) }
+        func sample(produced: Int = 0, received: Int = 0) {
+            Self.raise(value, to: residentMemoryBytes())
+            Self.raise(ahead, to: produced - received)
+        }
+        private static func raise(_ atomic: borrowing Atomic<Int>, to candidate: Int) {
+            var current = atomic.load(ordering: .relaxed)
+            while candidate > current {
+                let (exchanged, original) = atomic.compareExchange(
+                    expected: current,
+                    desired: candidate,
+                    ordering: .relaxed
+                )
                 if exchanged { break }
                 current = original
             }
@@ -151,18 +163,23 @@ struct GeneratedBody: AsyncSequence, Sendable {
     struct AsyncIterator: AsyncIteratorProtocol {
         let chunk = ByteBuffer(repeating: UInt8(ascii: "u"), count: 64 * 1024)
         var remaining: Int
+        var producedBytes = 0
         var produced = 0
         let peak: Peak
+        let received: @Sendable () -> Int
         mutating func next() async throws -> ByteBuffer? {
             guard remaining > 0 else { return nil }
             let size = Swift.min(remaining, chunk.readableBytes)
             remaining -= size
             produced += 1
-            if produced % 64 == 0 { peak.sample() }
+            producedBytes += size
+            if produced % 16 == 0 { peak.sample(produced: producedBytes, received: received()) }
             return chunk.getSlice(at: chunk.readerIndex, length: size)
         }
     }
-    func makeAsyncIterator() -> AsyncIterator { AsyncIterator(remaining: total, peak: peakResident) }
+    func makeAsyncIterator() -> AsyncIterator {
+        AsyncIterator(remaining: total, peak: peakResident, received: received)
+    }
 }
 
 /// A request body that fails after its first element: a client whose upload broke.
