@@ -101,7 +101,7 @@ public final class HTTPServer: Service, Sendable {
                     try channel.pipeline.syncOperations.addHandler(quiescing.makeServerChannelHandler(channel: channel))
                 }
             }
-            .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
+            .childChannelOption(.tcpOption(.tcp_nodelay), value: 1)
             .childChannelOption(.maxMessagesPerRead, value: 16)
 
         let serverChannel: NIOAsyncChannel<Accepted, Never>
@@ -160,9 +160,13 @@ public final class HTTPServer: Service, Sendable {
     }
 
     /// Serves until graceful shutdown (or cancellation) and every connection has closed.
+    ///
+    /// - Throws: the error that ended the accept loop, if it ended other than
+    ///   by a drain: the process then exits non-zero instead of living on
+    ///   without a listener.
     public func run() async throws {
-        await withGracefulShutdownHandler {
-            await withDiscardingTaskGroup { group in
+        let acceptFailure: (any Error)? = await withGracefulShutdownHandler {
+            await withDiscardingTaskGroup { group -> (any Error)? in
                 do {
                     try await serverChannel.executeThenClose { inbound in
                         for try await accepted in inbound {
@@ -170,12 +174,18 @@ public final class HTTPServer: Service, Sendable {
                             group.addTask { await self.serve(connection) }
                         }
                     }
+                    return nil
                 } catch {
                     logger.error("accepting connections failed", metadata: ["error": "\(error)"])
+                    return error
                 }
             }
         } onGracefulShutdown: {
             self.beginDrain()
+        }
+        if let acceptFailure, !state.isDraining {
+            beginDrain()
+            throw acceptFailure
         }
         logger.info("server stopped", metadata: ["address": "\(configuration.host):\(port)"])
         // After a drain begun by ``beginDrain()`` rather than by the group,

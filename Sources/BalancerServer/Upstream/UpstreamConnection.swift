@@ -159,7 +159,7 @@ public final class UpstreamConnection: @unchecked Sendable {
         let configuration = self.configuration
         let bootstrap = ClientBootstrap(group: eventLoop)
             .connectTimeout(configuration.connectTimeout)
-            .channelOption(.socketOption(.tcp_nodelay), value: 1)
+            .channelOption(.tcpOption(.tcp_nodelay), value: 1)
         let asyncConnection: AsyncConnection
         do {
             asyncConnection = try await bootstrap.connect(host: backend.host, port: backend.port) { channel in
