@@ -14,7 +14,7 @@ public struct JSONParseError: Error, Sendable, Equatable, CustomStringConvertibl
 ///
 /// It exists because the job body is parsed on every request: this parser
 /// reads the bytes in place, with no `Data` copy and no `Codable` machinery
-/// (see `docs/SERVER-README-DRAFT.md` for the measurement). It rejects what RFC
+/// (see "Design notes and measurements" in the README for the measurement). It rejects what RFC
 /// 8259 rejects (trailing commas, comments, leading zeros, lone surrogates,
 /// invalid UTF-8, control characters in strings, anything after the value) and
 /// never traps on any input: nesting is limited to ``maxDepth`` so a hostile
