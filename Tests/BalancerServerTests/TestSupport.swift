@@ -35,13 +35,17 @@ func withServer<T: Sendable>(
     configuration.gracePeriodMilliseconds = 5_000
     configure(&configuration)
     let balancer = Balancer(configuration: configuration.balancer)
-    let server = try await HTTPServer.bind(configuration: configuration, balancer: balancer, logger: quietLogger)
+    let upstream =
+        configuration.upstreams.isEmpty
+        ? nil : try UpstreamPool(configuration: configuration, eventLoopGroup: MultiThreadedEventLoopGroup.singleton)
+    let server = try await HTTPServer.bind(
+        configuration: configuration, balancer: balancer, upstream: upstream, logger: quietLogger)
+    let grace = Duration.milliseconds(configuration.gracePeriodMilliseconds)
     let group = ServiceGroup(
         configuration: .init(
-            services: [
-                .init(service: BalancerService(balancer: balancer, gracePeriod: .milliseconds(configuration.gracePeriodMilliseconds))),
-                .init(service: server),
-            ],
+            services: [.init(service: BalancerService(balancer: balancer, gracePeriod: grace))]
+                + (upstream.map { [.init(service: BalancerService(balancer: $0.balancer, gracePeriod: grace))] } ?? [])
+                + [.init(service: server)],
             logger: quietLogger
         )
     )

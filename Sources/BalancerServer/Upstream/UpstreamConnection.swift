@@ -473,8 +473,10 @@ public final class UpstreamConnection: @unchecked Sendable {
                     channel.close(promise: nil)
                     return
                 }
-                try await channel.writeAndFlush(HTTPClientRequestPart.body(.byteBuffer(chunk))).get()
+                // Counted before the write completes: the backend may answer (and the
+                // response side read the count) as soon as the bytes reach it.
                 progress.add(chunk.readableBytes)
+                try await channel.writeAndFlush(HTTPClientRequestPart.body(.byteBuffer(chunk))).get()
             }
             if let expected, sent != expected {
                 progress.clientFailed("the request body ended after \(sent) of \(expected) bytes")

@@ -11,44 +11,19 @@ import Testing
 import FoundationNetworking
 #endif
 
-/// Runs `body` against a server whose upstream pool is `backends`, run the way
-/// `balancer serve --upstream ...` runs it; drains it after.
+/// Runs `body` against a server whose upstream pool is `backends` (4
+/// connections each), run the way `balancer serve --upstream ...` runs it.
 func withProxy<T: Sendable>(
     _ backends: [Int],
     _ configure: (inout ServerConfiguration) -> Void = { _ in },
     _ body: (TestServer, UpstreamPool) async throws -> T
 ) async throws -> T {
-    var configuration = ServerConfiguration()
-    configuration.port = 0
-    configuration.gracePeriodMilliseconds = 5_000
-    configuration.upstreams = backends.map { "http://127.0.0.1:\($0)" }
-    configuration.connectionsPerUpstream = 4
-    configure(&configuration)
-    let balancer = Balancer(configuration: configuration.balancer)
-    let upstream = try UpstreamPool(configuration: configuration, eventLoopGroup: MultiThreadedEventLoopGroup.singleton)
-    let server = try await HTTPServer.bind(
-        configuration: configuration, balancer: balancer, upstream: upstream, logger: quietLogger)
-    let grace = Duration.milliseconds(configuration.gracePeriodMilliseconds)
-    let group = ServiceGroup(
-        configuration: .init(
-            services: [
-                .init(service: BalancerService(balancer: balancer, gracePeriod: grace)),
-                .init(service: BalancerService(balancer: upstream.balancer, gracePeriod: grace)),
-                .init(service: server),
-            ],
-            logger: quietLogger
-        )
-    )
-    let running = Task { try await group.run() }
-    do {
-        let result = try await body(TestServer(server: server, group: group), upstream)
-        await group.triggerGracefulShutdown()
-        try await running.value
-        return result
-    } catch {
-        await group.triggerGracefulShutdown()
-        _ = try? await running.value
-        throw error
+    try await withServer({ configuration in
+        configuration.upstreams = backends.map { "http://127.0.0.1:\($0)" }
+        configuration.connectionsPerUpstream = 4
+        configure(&configuration)
+    }) { server in
+        try await body(server, try #require(server.server.upstream))
     }
 }
 
