@@ -395,7 +395,10 @@ public actor Balancer {
                 finish(request, with: .cancelled)
                 releasePending(of: worker.id)
             case .running:
+                // Answer first: cancelling first would let the operation's own
+                // CancellationError reach the requester before `cancelled` does.
                 answerRunning(request, with: .cancelled)
+                worker.cancel(ifRunning: request)
             case .gone:
                 break
             }
@@ -459,8 +462,9 @@ public actor Balancer {
             }
             pool.update(slot.worker.id, pending: pool.pending(of: slot.worker.id) - queued.count)
             pendingTotal -= queued.count
-            if let running = slot.worker.cancelRunning() {
+            if let running = slot.worker.running {
                 answerRunning(running, with: .shuttingDown)
+                slot.worker.cancel(ifRunning: running)
             }
         }
         closeAllChannels()

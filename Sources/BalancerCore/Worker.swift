@@ -53,7 +53,8 @@ final class Worker: Sendable {
     enum Withdrawal {
         /// It was still queued and is now out of the channel.
         case withdrawn
-        /// It is running; the worker task has been cancelled.
+        /// It is running (and stays so: answer its requester first, then
+        /// ``cancel(ifRunning:)``, so the answer is the balancer's).
         case running
         /// It is no longer here: finished.
         case gone
@@ -79,18 +80,22 @@ final class Worker: Sendable {
         waiter?.resume(returning: .run(request))
     }
 
-    /// Takes `request` back if it has not started; cancels it if it is running.
+    /// Takes `request` back if it has not started; says whether it is running.
     func withdraw(_ request: AnyRequest) -> Withdrawal {
         state.withLock { state in
             if let i = state.queue.firstIndex(where: { $0 === request }) {
                 state.queue.remove(at: i)
                 return .withdrawn
             }
-            if state.running === request {
-                cancelRunningTask(&state)
-                return .running
-            }
-            return .gone
+            return state.running === request ? .running : .gone
+        }
+    }
+
+    /// Cancels the worker task if it is still running `request`: the operation
+    /// sees the cancellation, and the task takes no other request.
+    func cancel(ifRunning request: AnyRequest) {
+        state.withLock { state in
+            if state.running === request { cancelRunningTask(&state) }
         }
     }
 
@@ -103,13 +108,9 @@ final class Worker: Sendable {
         }
     }
 
-    /// Cancels the running request's task, if any, and returns that request.
-    func cancelRunning() -> AnyRequest? {
-        state.withLock { state in
-            guard let running = state.running else { return nil }
-            cancelRunningTask(&state)
-            return running
-        }
+    /// The request running now, if any.
+    var running: AnyRequest? {
+        state.withLock { $0.running }
     }
 
     /// Closes the channel: the task ends when the queue is empty.
