@@ -1,3 +1,4 @@
+@testable import BalancerCore
 import BalancerServer
 import Foundation
 import NIOCore
@@ -17,7 +18,7 @@ struct HTTPFuzzTests {
             "POST /jobs HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 36\r\n\r\n{\"op\":\"echo\",\"value\":[1,{\"a\":null}]}",
         ].map { Array($0.utf8) }
         let alphabet = Array("\r\n :/?=&{}[]\",0123456789-abcxyzHTTP".utf8) + [0x00, 0x7F, 0xFF, 0x80]
-        var rng = SplitMix(seed: 0x4854_5450)
+        var rng = SplitMix64(seed: 0x4854_5450)
         var cases: [[UInt8]] = []
         for _ in 0..<160 {
             var bytes = seeds[Int(rng.next() % UInt64(seeds.count))]

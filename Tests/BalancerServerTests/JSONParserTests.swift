@@ -1,3 +1,4 @@
+@testable import BalancerCore
 import BalancerServer
 import Foundation
 import Testing
@@ -58,7 +59,7 @@ struct JSONParserTests {
             #"{"op":"sleep","ms":300,"timeout_ms":1000}"#,
         ].map { Array($0.utf8) }
         let alphabet = Array(#"{}[]:,"\-+.eE0123456789truefalsnl \u"#.utf8) + [0x00, 0x1F, 0x7F, 0xC3, 0xA9, 0xFF, 0xED, 0xA0]
-        var rng = SplitMix(seed: 0xBA1A_9CE5)
+        var rng = SplitMix64(seed: 0xBA1A_9CE5)
         var disagreements: [String] = []
         for _ in 0..<20_000 {
             var bytes = seeds[Int(rng.next() % UInt64(seeds.count))]
@@ -88,18 +89,5 @@ struct JSONParserTests {
         let squeezed = text.filter { !" \t\n\r".contains($0) }
         return text.contains("\\ud") || text.contains("\\uD") || String(validating: bytes, as: UTF8.self) == nil
             || bytes.contains(0x00) || squeezed.contains(",}") || squeezed.contains(",]")
-    }
-}
-
-/// A seeded generator, so fuzz failures repeat.
-struct SplitMix: RandomNumberGenerator {
-    var state: UInt64
-    init(seed: UInt64) { state = seed }
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
     }
 }
