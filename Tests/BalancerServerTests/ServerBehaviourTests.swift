@@ -88,9 +88,13 @@ struct ServerBehaviourTests {
             #expect(try await request(server.url("/healthz")).status == 200)
             #expect(try await request(server.url("/readyz")).status == 200)
             try await withRawConnection(port: server.port) { connection in
-                // A request in progress keeps this connection open through the drain.
+                // A whole request first, so the connection is surely accepted and served.
+                try await connection.send("GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                #expect(try await connection.readResponse()?.status == 200)
+                // A request in progress keeps this connection open through the drain;
+                // the pause lets the server read its first bytes even on a loaded machine.
                 try await connection.send("GET /readyz HTTP/1.1\r\n")
-                try await Task.sleep(for: .milliseconds(50))
+                try await Task.sleep(for: .milliseconds(400))
                 await server.group.triggerGracefulShutdown()
                 #expect(try await eventually { server.server.state.isDraining })
                 try await connection.send("Host: x\r\n\r\n")
