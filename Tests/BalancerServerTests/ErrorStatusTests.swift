@@ -199,11 +199,16 @@ struct ErrorStatusTests {
     func shuttingDown() async throws {
         try await withServer { server in
             try await withRawConnection(port: server.port) { connection in
+                // A whole request first, so the connection is surely accepted and served.
+                try await connection.send("GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                #expect(try await connection.readResponse()?.status == 200)
                 // The head has begun to arrive when the drain starts, so the
                 // connection is kept to answer it; the balancer takes no new work.
+                // The pause lets the server read those bytes even on a loaded machine.
                 try await connection.send("POST /jobs HTTP/1.1\r\n")
-                try await Task.sleep(for: .milliseconds(50))
+                try await Task.sleep(for: .milliseconds(400))
                 await server.group.triggerGracefulShutdown()
+                #expect(try await eventually { server.server.state.isDraining })
                 #expect(try await eventually { await server.balancer.stats().shuttingDown })
                 let job = #"{"op":"multiply","x":6,"y":7}"#
                 try await connection.send("Host: x\r\nContent-Length: \(job.utf8.count)\r\n\r\n\(job)")
