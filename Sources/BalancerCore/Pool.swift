@@ -40,8 +40,6 @@ public struct Pool: Sendable {
     public var isEmpty: Bool { heap.isEmpty }
     /// The id at the top of the heap: a worker with the least `pending`.
     public var min: Int? { heap.first }
-    /// Worker ids in heap order (position 0 is the minimum).
-    public var heapOrder: [Int] { heap }
     /// The id of the worker at heap position `i`.
     public func id(at i: Int) -> Int { heap[i] }
 
@@ -53,11 +51,6 @@ public struct Pool: Sendable {
     /// `pending` of worker `id`; the worker must be in the pool.
     public func pending(of id: Int) -> Int {
         records[id]!.pending
-    }
-
-    /// Every id known to the pool, in or out of the heap, in ascending order.
-    public var ids: [Int] {
-        records.indices.filter { records[$0] != nil }
     }
 
     /// Registers worker `id` with `pending` 0, outside the heap.

@@ -98,7 +98,3 @@ func checkAccounting(_ stats: BalancerStats, sourceLocation: SourceLocation = #_
     #expect(stats.submitted == ended + stats.inFlight, "\(stats)", sourceLocation: sourceLocation)
     #expect(stats.workers.allSatisfy { $0.pending >= 0 && $0.pending <= stats.capacity }, sourceLocation: sourceLocation)
 }
-
-extension BalancerError {
-    static func of(_ error: any Error) -> BalancerError? { error as? BalancerError }
-}
