@@ -1,7 +1,5 @@
 import ArgumentParser
 import BalancerServer
-import NIOCore
-import NIOPosix
 
 /// `balancer healthcheck`: GET /healthz on the local server; exit 0 if it
 /// answers 200, 1 otherwise. For a container's HEALTHCHECK, where there is no curl.
@@ -22,7 +20,7 @@ struct Healthcheck: AsyncParsableCommand {
     @Option(help: "Path to GET.")
     var path = "/healthz"
 
-    @Option(help: "Give up after this many milliseconds.")
+    @Option(help: "Give up when there is no connection, or no answer, within this many milliseconds.")
     var timeoutMs = 2_000
 
     func run() async throws {
@@ -42,60 +40,26 @@ struct Healthcheck: AsyncParsableCommand {
             case "::", "[::]": "::1"
             case let host: host
             }
-        let timeout = Duration.milliseconds(timeoutMs)
-        let path = self.path
         let port = configuration.port
+        let address = target.contains(":") ? "[\(target)]:\(port)" : "\(target):\(port)"
+        let client: HTTPClient
         do {
-            let status = try await withThrowingTaskGroup(of: Int?.self) { group in
-                group.addTask { try await getStatus(host: target, port: port, path: path) }
-                group.addTask {
-                    try await Task.sleep(for: timeout)
-                    return nil
-                }
-                defer { group.cancelAll() }
-                return try await group.next() ?? nil
-            }
-            guard let status else {
-                printError("balancer healthcheck: no answer from \(target):\(port) within \(timeoutMs) ms")
-                throw ExitCode(1)
-            }
-            guard status == 200 else {
-                printError("balancer healthcheck: GET \(path) on \(target):\(port) answered \(status)")
-                throw ExitCode(1)
-            }
-            print("ok: GET \(path) on \(target):\(port) answered 200")
-        } catch let exit as ExitCode {
-            throw exit
+            client = try HTTPClient(url: "http://\(address)", configuration: .init(timeout: .milliseconds(timeoutMs)))
         } catch {
-            printError("balancer healthcheck: cannot reach \(target):\(port): \(error)")
+            printError("balancer healthcheck: \(error)")
+            throw ExitCode(2)
+        }
+        let response: HTTPClientResponse
+        do {
+            response = try await client.send(.get(path))
+        } catch {
+            printError("balancer healthcheck: GET \(path) on \(address) failed: \(error.kind.rawValue): \(error.detail)")
             throw ExitCode(1)
         }
-    }
-}
-
-/// Sends one HTTP/1.1 GET over a plain TCP connection and returns the status code.
-private func getStatus(host: String, port: Int, path: String) async throws -> Int? {
-    let channel = try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
-        .connectTimeout(.seconds(2))
-        .connect(host: host, port: port) { channel in
-            channel.eventLoop.makeCompletedFuture {
-                try NIOAsyncChannel<ByteBuffer, ByteBuffer>(wrappingChannelSynchronously: channel)
-            }
+        guard response.status.code == 200 else {
+            printError("balancer healthcheck: GET \(path) on \(address) answered \(response.status.code)")
+            throw ExitCode(1)
         }
-    return try await channel.executeThenClose { inbound, outbound in
-        try await outbound.write(
-            ByteBuffer(string: "GET \(path) HTTP/1.1\r\nHost: \(host):\(port)\r\nConnection: close\r\n\r\n")
-        )
-        var received = ByteBuffer()
-        for try await var chunk in inbound {
-            received.writeBuffer(&chunk)
-            // "HTTP/1.1 200 ": the status is known once the first line is in.
-            if let line = received.readableBytesView.firstIndex(of: UInt8(ascii: "\n")) {
-                let first = String(decoding: received.readableBytesView[..<line], as: UTF8.self)
-                let fields = first.split(separator: " ")
-                return fields.count >= 2 ? Int(fields[1]) : nil
-            }
-        }
-        return nil
+        print("ok: GET \(path) on \(address) answered 200")
     }
 }
