@@ -78,6 +78,7 @@ public actor Balancer {
     private var queueTimeoutCount = 0
     private var shutDownCount = 0
     private var unavailableCount = 0
+    private var busyCount = 0
 
     /// Creates a balancer with `configuration.workers` workers; they start with ``run()``.
     ///
@@ -124,6 +125,24 @@ public actor Balancer {
         _ operation: @escaping @Sendable (_ worker: Int) async throws -> Output
     ) async throws -> Receipt<Output> {
         try await send(Request(.onWorker(operation), timed: true))
+    }
+
+    /// ``submitOnWorker(_:)`` restricted to the workers `eligible` accepts,
+    /// and only at once: the request goes to the least-loaded eligible active
+    /// worker with room (by `(pending, least recently dispatched, id)`, or by
+    /// cost under ``Strategy/peakEWMA``), whatever the strategy, and never
+    /// waits in the backlog. When none has room it ends with
+    /// ``BalancerError/busy`` (``BalancerError/unavailable`` when no worker
+    /// is active at all). For work that is worth doing only on spare capacity
+    /// elsewhere, such as a hedged copy of a request on another backend.
+    ///
+    /// - Parameter eligible: called by the balancer, on its own executor,
+    ///   while it chooses; keep it short and non-blocking.
+    public nonisolated func submitOnWorker<Output: Sendable>(
+        ifRoomAmong eligible: @escaping @Sendable (_ worker: Int) -> Bool,
+        _ operation: @escaping @Sendable (_ worker: Int) async throws -> Output
+    ) async throws -> Receipt<Output> {
+        try await send(Request(.onWorker(operation), timed: true, eligible: eligible))
     }
 
     private nonisolated func send<Output: Sendable>(_ request: Request<Output>) async throws -> Receipt<Output> {
@@ -212,6 +231,14 @@ public actor Balancer {
             finish(request, with: .shuttingDown)
         } else if activeIDs.isEmpty {
             finish(request, with: .unavailable)
+        } else if let eligible = request.eligible {
+            // The backlog holds only requests that can run anywhere: a non-empty
+            // backlog here means no worker has room.
+            if let position = choose(among: eligible) {
+                dispatch(request, toWorkerAt: position)
+            } else {
+                finish(request, with: .busy)
+            }
         } else if backlog.isEmpty, let position = choose() {
             dispatch(request, toWorkerAt: position)
         } else if backlog.count < configuration.backlog {
@@ -312,10 +339,25 @@ public actor Balancer {
         }
     }
 
-    /// Peak-EWMA's choice: the active worker with room whose
-    /// `latency x (pending + 1)` is least (ties: fewer pending, then lower id).
-    /// A worker with no sample yet is costed at the mean of those with one.
-    private func leastCostly() -> Int? {
+    /// The heap position of the least-loaded active worker with room that
+    /// `eligible` accepts: by cost under peak-EWMA, else by the heap's order.
+    private func choose(among eligible: (Int) -> Bool) -> Int? {
+        if configuration.strategy == .peakEWMA { return leastCostly(among: eligible) }
+        var best: (pending: Int, lastDispatch: Int, id: Int)?
+        for id in activeIDs where eligible(id) {
+            guard let record = pool[id], record.pending < capacity else { continue }
+            let key = (record.pending, record.lastDispatch, id)
+            if let current = best, current <= key { continue }
+            best = key
+        }
+        return best.flatMap { pool[$0.id]?.index }
+    }
+
+    /// Peak-EWMA's choice: the active worker with room (and accepted by
+    /// `eligible`) whose `latency x (pending + 1)` is least (ties: fewer
+    /// pending, then lower id). A worker with no sample yet is costed at the
+    /// mean of those with one.
+    private func leastCostly(among eligible: (Int) -> Bool = { _ in true }) -> Int? {
         var known = 0.0
         var count = 0
         for id in activeIDs {
@@ -326,7 +368,7 @@ public actor Balancer {
         }
         let unknown = count > 0 ? known / Double(count) : 0
         var best: (cost: Double, pending: Int, id: Int)?
-        for id in activeIDs {
+        for id in activeIDs where eligible(id) {
             let pending = pool.pending(of: id)
             guard pending < capacity else { continue }
             let cost = (slots[id].unsafelyUnwrapped.latency ?? unknown) * Double(pending + 1)
@@ -373,6 +415,7 @@ public actor Balancer {
         case .cancelled: cancelledCount += 1
         case .shuttingDown: shutDownCount += 1
         case .unavailable: unavailableCount += 1
+        case .busy: busyCount += 1
         }
     }
 
@@ -638,6 +681,7 @@ public actor Balancer {
             queueTimeouts: queueTimeoutCount,
             shutDown: shutDownCount + refused,
             unavailable: unavailableCount,
+            busy: busyCount,
             inFlight: backlog.count + pendingTotal - answeredWhileRunning,
             shuttingDown: stage != .running
         )

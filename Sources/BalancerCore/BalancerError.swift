@@ -17,6 +17,10 @@ public enum BalancerError: Error, Sendable, Hashable, CustomStringConvertible {
     /// No worker could take work at all (every one is down, draining or
     /// removed): refused at once rather than left to wait out the queue timeout.
     case unavailable
+    /// The request could run only at once and only on some workers
+    /// (``Balancer/submitOnWorker(ifRoomAmong:_:)``), and none of them had
+    /// room: it never ran.
+    case busy
 
     /// A stable machine-readable code (`overloaded`, `queue_timeout`, ...).
     public var code: String {
@@ -26,6 +30,7 @@ public enum BalancerError: Error, Sendable, Hashable, CustomStringConvertible {
         case .cancelled: "cancelled"
         case .shuttingDown: "shutting_down"
         case .unavailable: "unavailable"
+        case .busy: "busy"
         }
     }
 
@@ -41,6 +46,8 @@ public enum BalancerError: Error, Sendable, Hashable, CustomStringConvertible {
             "the balancer is shutting down and takes no more work"
         case .unavailable:
             "no worker is available: every worker is down, draining or removed"
+        case .busy:
+            "no eligible worker had room at once"
         }
     }
 }

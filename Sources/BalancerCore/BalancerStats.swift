@@ -4,7 +4,7 @@
 ///
 /// Totals count how each request ended, as its requester saw it:
 /// `submitted == completed + failed + cancelled + overloaded + queueTimeouts +
-/// shutDown + unavailable + inFlight` at any snapshot.
+/// shutDown + unavailable + busy + inFlight` at any snapshot.
 public struct BalancerStats: Sendable, Equatable {
     /// A worker's state.
     public enum WorkerState: String, Sendable {
@@ -64,6 +64,8 @@ public struct BalancerStats: Sendable, Equatable {
     public var shutDown: Int
     /// Ended with ``BalancerError/unavailable``.
     public var unavailable: Int = 0
+    /// Ended with ``BalancerError/busy``.
+    public var busy: Int = 0
     /// Admitted and not yet answered: in the backlog or pending on a worker.
     public var inFlight: Int
 

@@ -51,10 +51,14 @@ class AnyRequest: @unchecked Sendable {
     final var cancelRequested = false
     /// When a request waiting in the backlog times out.
     final var deadline: ContinuousClock.Instant?
+    /// For a request that may run only now and only on certain workers: which
+    /// ones (called by the balancer while it chooses). `nil` for the rest.
+    final let eligible: (@Sendable (Int) -> Bool)?
     private final let answered = Atomic<Bool>(false)
 
-    init(timed: Bool) {
+    init(timed: Bool, eligible: (@Sendable (Int) -> Bool)? = nil) {
         submittedAt = timed ? ContinuousClock.now : nil
+        self.eligible = eligible
     }
 
     /// Claims the one-shot reply; true exactly once.
@@ -93,9 +97,9 @@ final class Request<Output: Sendable>: AnyRequest, @unchecked Sendable {
     /// Set once by `submit` before the request is published to the balancer.
     var reply: UnsafeContinuation<Receipt<Output>, any Error>?
 
-    init(_ operation: Operation, timed: Bool) {
+    init(_ operation: Operation, timed: Bool, eligible: (@Sendable (Int) -> Bool)? = nil) {
         self.operation = operation
-        super.init(timed: timed)
+        super.init(timed: timed, eligible: eligible)
     }
 
     override func run(on worker: Int) async -> Outcome {

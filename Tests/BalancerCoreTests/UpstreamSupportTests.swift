@@ -169,6 +169,73 @@ struct UpstreamSupportTests {
         }
     }
 
+    @Test("a request restricted to some workers runs at once on the least loaded of them with room, or ends busy")
+    func restrictedRequestsRunOnlyWithRoom() async throws {
+        let balancer = Balancer(configuration: .init(workers: 4, capacity: 2, backlog: 4))
+        let held = HeldOperations()
+        let ran = Recorder()
+        try await withRunning(balancer) { balancer in
+            try await withThrowingTaskGroup(of: Int.self) { group in
+                // Workers 0, 1, 2 get one request each; worker 3 stays idle.
+                for i in 0..<3 {
+                    group.addTask { try await balancer.submitWithReceipt(held.operation()).worker }
+                    await eventually(balancer) { $0.inFlight == i + 1 }
+                }
+                func restricted(to ids: Set<Int>) {
+                    group.addTask {
+                        try await balancer.submitOnWorker(ifRoomAmong: { ids.contains($0) }) { worker in
+                            ran.record("ran on \(worker)")
+                            _ = try await held.operation()()
+                            return worker
+                        }.worker
+                    }
+                }
+                // Among 0 and 1 (pending 1 each), the tie goes to the least recently dispatched: 0.
+                restricted(to: [0, 1])
+                var stats = await eventually(balancer) { $0.inFlight == 4 }
+                #expect(stats.workers.map(\.pending) == [2, 1, 1, 0])
+                // Worker 3 is idle: it wins over 0, which is full anyway.
+                restricted(to: [0, 3])
+                stats = await eventually(balancer) { $0.inFlight == 5 }
+                #expect(stats.workers.map(\.pending) == [2, 1, 1, 1])
+                // Fill every worker and the backlog's head; a restricted request
+                // whose only worker is full ends busy at once, never queued.
+                for i in 0..<4 {
+                    group.addTask { try await balancer.submitWithReceipt(held.operation()).worker }
+                    await eventually(balancer) { $0.inFlight == 6 + i }
+                }
+                stats = await balancer.stats()
+                #expect(stats.workers.map(\.pending) == [2, 2, 2, 2])
+                #expect(stats.backlogDepth == 1)
+                await #expect(throws: BalancerError.busy) {
+                    try await balancer.submitOnWorker(ifRoomAmong: { $0 == 3 }) { worker in
+                        ran.record("busy ran on \(worker)")
+                        return worker
+                    }
+                }
+                stats = await balancer.stats()
+                #expect(stats.busy == 1)
+                #expect(stats.backlogDepth == 1, "the busy request never entered the backlog")
+                #expect(stats.workers.map(\.pending) == [2, 2, 2, 2])
+                checkAccounting(stats)
+
+                while (await balancer.stats()).inFlight > 0 {
+                    _ = held.releaseOne { _ in 0 }
+                    try await Task.sleep(for: .milliseconds(1))
+                }
+                var workers: [Int] = []
+                for try await worker in group { workers.append(worker) }
+                #expect(workers.count == 9)
+            }
+            #expect(ran.all.sorted() == ["ran on 0", "ran on 3"])
+            let stats = await balancer.stats()
+            #expect(stats.workers.map(\.pending) == [0, 0, 0, 0])
+            #expect(stats.completed == 9)
+            checkAccounting(stats)
+            #expect(await balancer.poolIsValid())
+        }
+    }
+
     @Test("decayWeight approximates exp(-x)")
     func decayWeightApproximatesExp() {
         let expected: [(Double, Double)] = [(0, 1), (0.5, 0.606_530_66), (1, 0.367_879_44), (2, 0.135_335_28), (5, 0.006_737_95)]

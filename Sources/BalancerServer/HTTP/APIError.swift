@@ -38,7 +38,7 @@ public struct APIError: Error, Sendable, Equatable {
             self = error
         case let error as BalancerError:
             switch error {
-            case .overloaded, .queueTimeout, .shuttingDown, .unavailable:
+            case .overloaded, .queueTimeout, .shuttingDown, .unavailable, .busy:
                 self.init(
                     status: .serviceUnavailable,
                     code: error.code,
