@@ -52,6 +52,11 @@ struct Serve: AsyncParsableCommand {
     var upstreams: [String] = []
     @Option(help: "K: workers (keep-alive connections) per backend. [default: 16]") var connectionsPerUpstream: String?
     @Option(help: "Further tries on another backend after a retryable failure. [default: 2]") var upstreamRetries: String?
+    @Option(help: "Copy an idempotent request to another backend after this long without a response head, ms; 0 = off. [default: 0]")
+    var upstreamHedgeAfterMs: String?
+    @Option(help: "Most copies of one hedged request, the first included. [default: 2]") var upstreamHedgeMax: String?
+    @Option(help: "Most copies X-Balancer-Replicas may ask for; 1 forbids the header. [default: 2]")
+    var upstreamMaxReplicas: String?
 
     /// The flags given, by configuration key name.
     private var flags: [String: String] {
@@ -64,6 +69,8 @@ struct Serve: AsyncParsableCommand {
             ("grace_period_ms", gracePeriodMs), ("threads", threads),
             ("upstreams", upstreams.isEmpty ? nil : upstreams.joined(separator: ",")),
             ("connections_per_upstream", connectionsPerUpstream), ("upstream_retries", upstreamRetries),
+            ("upstream_hedge_after_ms", upstreamHedgeAfterMs), ("upstream_hedge_max", upstreamHedgeMax),
+            ("upstream_max_replicas", upstreamMaxReplicas),
         ]
         var flags: [String: String] = [:]
         for case let (name, value?) in pairs { flags[name] = value }

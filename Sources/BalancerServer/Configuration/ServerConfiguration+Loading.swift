@@ -110,6 +110,9 @@ extension ServerConfiguration {
         .int64("upstream_fail_timeout_ms", "how long an ejected backend stays out, ms", \.upstreamFailTimeoutMilliseconds, range: 1...3_600_000),
         .int64("upstream_connect_timeout_ms", "connect timeout to a backend (504 after), ms", \.upstreamConnectTimeoutMilliseconds, range: 1...600_000),
         .int64("upstream_response_timeout_ms", "time for a backend's response head (504 after), ms", \.upstreamResponseTimeoutMilliseconds, range: 1...3_600_000),
+        .int64("upstream_hedge_after_ms", "copy an idempotent request to another backend after this long without a response head, ms; 0 = off", \.upstreamHedgeAfterMilliseconds, range: 0...3_600_000),
+        .int("upstream_hedge_max", "most copies of one hedged request, the first included", \.upstreamHedgeMax, range: 1...16),
+        .int("upstream_max_replicas", "most copies X-Balancer-Replicas may ask for (capped above); 1 forbids the header", \.upstreamMaxReplicas, range: 1...16),
     ]
 
     /// The environment variable that names the JSON file, like `--config`.

@@ -60,6 +60,14 @@ public struct ServerConfiguration: Sendable, Equatable {
     public var upstreamConnectTimeoutMilliseconds: Int64 = 3_000
     /// A backend's response head must arrive within this after the request (504 after).
     public var upstreamResponseTimeoutMilliseconds: Int64 = 30_000
+    /// Hedging: a copy of an idempotent request goes to another backend when
+    /// no response head has come this long after the last copy started; 0: off.
+    public var upstreamHedgeAfterMilliseconds: Int64 = 0
+    /// Hedging: most copies of one request in all, the first included.
+    public var upstreamHedgeMax = 2
+    /// Most copies a client may ask for with `X-Balancer-Replicas` (more are
+    /// capped to this); 1 forbids the header (400).
+    public var upstreamMaxReplicas = 2
 
     public init() {}
 

@@ -25,6 +25,9 @@ public final class UpstreamPool: Sendable {
     public let connectionsPerBackend: Int
     let retries: Int
     let failTimeout: Duration
+    /// When requests are copied to other backends (see ``HedgePolicy``).
+    public let hedging: HedgePolicy
+    let hedgeStats: Mutex<HedgeStats>
     private let connections: [UpstreamConnection]
     private let state: Mutex<State>
 
@@ -50,6 +53,8 @@ public final class UpstreamPool: Sendable {
         self.connectionsPerBackend = k
         self.retries = configuration.upstreamRetries
         self.failTimeout = .milliseconds(configuration.upstreamFailTimeoutMilliseconds)
+        self.hedging = configuration.upstreamHedging
+        self.hedgeStats = Mutex(HedgeStats(copies: max(hedging.maxCopies, hedging.maxReplicas)))
         self.connections = (0..<backends.count * k).map { worker in
             UpstreamConnection(
                 backend: backends[worker % backends.count], configuration: upstreamConfiguration,
@@ -98,6 +103,16 @@ public final class UpstreamPool: Sendable {
         forwarding: ForwardedFor,
         to writer: some ClientResponseWriting
     ) async -> Outcome where Body.Element == ByteBuffer {
+        var planned = head
+        switch hedging.plan(for: &planned, replayable: replayable) {
+        case .single: break
+        case .hedged(let atOnce, let after, let maxCopies):
+            return await hedge(
+                planned, body: body, atOnce: atOnce, after: after, maxCopies: maxCopies, forwarding: forwarding,
+                to: writer)
+        case .refused(let error): return .failed(error)
+        }
+        let head = planned
         var lastError: UpstreamError?
         for attempt in 0...retries {
             do {
@@ -109,9 +124,7 @@ public final class UpstreamPool: Sendable {
                 lastError = error
                 if writer.headWritten || error.kind == .clientAborted { return .abort }
                 guard error.isRetryable(method: head.method, bodyReplayable: replayable), attempt < retries else { break }
-                if let index = backends.firstIndex(where: { $0.name == error.backend }) {
-                    state.withLock { $0.retries[index] += 1 }
-                }
+                countRetry(on: error.backend)
             } catch let error as BalancerError {
                 if error == .cancelled { return .abort }
                 if error == .unavailable, let lastError {
@@ -126,9 +139,16 @@ public final class UpstreamPool: Sendable {
         return .failed(APIError(lastError))
     }
 
+    /// Counts a retry against the backend named `backend`.
+    func countRetry(on backend: String) {
+        if let index = backends.firstIndex(where: { $0.name == backend }) {
+            state.withLock { $0.retries[index] += 1 }
+        }
+    }
+
     /// The operation a worker runs: forward over its own connection, count the
     /// result, and eject the backend after too many failures in a row.
-    private func forward<Body: AsyncSequence & Sendable>(
+    func forward<Body: AsyncSequence & Sendable>(
         on worker: Int,
         _ head: HTTPRequestHead,
         body: Body,
@@ -238,6 +258,7 @@ public final class UpstreamPool: Sendable {
                 ),
                 ("pending_mean", JSONValue(snapshot.pendingMean)),
                 ("pending_variance", JSONValue(snapshot.pendingVariance)),
+                ("hedging", hedgeStats.withLock { $0.json }),
             ])
         )
     }

@@ -21,6 +21,8 @@ import Synchronization
 /// - `/stall-upload`: never reads the request body (nor answers).
 /// - `/unsolicited`: answers 200, then 300 ms later sends an unrequested 408 on the idle connection.
 /// - `/status?code=C`: answers status `C`.
+/// - `/delayed`: answers `port <port>` after the backend's `responseDelay`;
+///   a connection closed while it waits is counted in ``disconnectsWhileDelayed``.
 /// Every response carries `x-connection-id`, the number of the TCP connection.
 ///
 /// `.garbage` answers any bytes with bytes that are not HTTP; `.neverAccept`
@@ -29,7 +31,12 @@ final class UpstreamTestBackend: Sendable {
     enum Mode: Sendable { case http, garbage, neverAccept }
 
     let port: Int
+    /// How long `/delayed` waits before answering.
+    let responseDelay: Duration
     private let serverChannel: any Channel
+    private let received = Atomic<Int>(0)
+    private let delayedDisconnects = Atomic<Int>(0)
+    private let balancerHeaders = Atomic<Int>(0)
     private let accepted: Atomic<Int>
     private let written: Atomic<Int>
     private let sinkReceived = Atomic<Int>(0)
@@ -46,14 +53,22 @@ final class UpstreamTestBackend: Sendable {
     var bytesWritten: Int { written.load(ordering: .relaxed) }
     /// Bytes of all responses the kernel has accepted on the backend's sockets (head and framing included).
     var bytesWrittenToSockets: Int { socketBytes.value }
+    /// Request heads received so far, on any path.
+    var requestsReceived: Int { received.load(ordering: .relaxed) }
+    /// `/delayed` requests whose connection closed before the answer.
+    var disconnectsWhileDelayed: Int { delayedDisconnects.load(ordering: .relaxed) }
+    /// Requests that arrived with a header whose name starts `x-balancer-`.
+    var requestsWithBalancerHeaders: Int { balancerHeaders.load(ordering: .relaxed) }
 
     private init(
         port: Int,
+        responseDelay: Duration = .zero,
         serverChannel: any Channel,
         socketBytes: SocketWriteCounter.Total = .init(),
         unserved: Unserved = .init()
     ) {
         self.port = port
+        self.responseDelay = responseDelay
         self.unserved = unserved
         self.socketBytes = socketBytes
         self.serverChannel = serverChannel
@@ -64,7 +79,7 @@ final class UpstreamTestBackend: Sendable {
     }
 
     /// Starts a backend on `port` (0 for an ephemeral one).
-    static func start(mode: Mode = .http, port: Int = 0) async throws -> UpstreamTestBackend {
+    static func start(mode: Mode = .http, port: Int = 0, responseDelay: Duration = .zero) async throws -> UpstreamTestBackend {
         let group = MultiThreadedEventLoopGroup.singleton
         switch mode {
         case .http:
@@ -86,6 +101,7 @@ final class UpstreamTestBackend: Sendable {
                 }
             let backend = UpstreamTestBackend(
                 port: server.channel.localAddress!.port!,
+                responseDelay: responseDelay,
                 serverChannel: server.channel,
                 socketBytes: counter,
                 unserved: unserved
@@ -161,6 +177,10 @@ final class UpstreamTestBackend: Sendable {
             var requests = inbound.makeAsyncIterator()
             while let part = try await requests.next() {
                 guard case .head(let head) = part else { continue }
+                received.add(1, ordering: .relaxed)
+                if head.headers.contains(where: { $0.name.lowercased().hasPrefix("x-balancer-") }) {
+                    balancerHeaders.add(1, ordering: .relaxed)
+                }
                 let keepGoing = try await respond(
                     to: head,
                     id: id,
@@ -304,6 +324,23 @@ final class UpstreamTestBackend: Sendable {
             try await outbound.write(contentsOf: [
                 .head(HTTPResponseHead(version: .http1_1, status: .ok, headers: headers)),
                 .body(.byteBuffer(ByteBuffer(string: "hop"))), .end(nil),
+            ])
+            return true
+        case "/delayed":
+            try await Self.drain(&requests)
+            let deadline = ContinuousClock.now + responseDelay
+            while connection.channel.isActive && ContinuousClock.now < deadline {
+                try await Task.sleep(for: .milliseconds(5))
+            }
+            guard connection.channel.isActive else {
+                delayedDisconnects.add(1, ordering: .relaxed)
+                return false
+            }
+            let text = "port \(port)"
+            headers.add(name: "content-length", value: String(text.utf8.count))
+            try await outbound.write(contentsOf: [
+                .head(HTTPResponseHead(version: .http1_1, status: .ok, headers: headers)),
+                .body(.byteBuffer(ByteBuffer(string: text))), .end(nil),
             ])
             return true
         default:

@@ -1,0 +1,401 @@
+import BalancerCore
+import NIOCore
+import NIOHTTP1
+import Synchronization
+
+/// When an upstream pool sends copies of a request: the talk's replicated
+/// query, as hedging (Finagle's backup requests, Envoy's hedge on per-try
+/// timeout).
+///
+/// Only a request with an idempotent method (RFC 9110: GET, HEAD, OPTIONS,
+/// TRACE, PUT, DELETE) and a replayable body (the proxy streams request bodies,
+/// so in practice: no body) is ever copied; POST never is.
+///
+/// - Timed: when no response head has arrived `after` a copy started, one more
+///   copy starts, up to `maxCopies` in all.
+/// - Asked for: `X-Balancer-Replicas: N` starts N copies at once (each as soon
+///   as the one before it is on a worker), and no timed ones. N is capped at
+///   `maxReplicas`; when that is 1 the header is refused with 400.
+///
+/// Every copy after the first runs only on spare capacity: on the least-loaded
+/// worker with room whose backend no other copy of the request uses
+/// (``Balancer/submitOnWorker(ifRoomAmong:_:)``); it never waits in the
+/// backlog, and when there is no such worker the copy is skipped.
+///
+/// The first copy whose response head arrives wins the client and streams its
+/// response; a 5xx head wins too (it is an answer, and bodies are not
+/// buffered). A copy that fails before a head (refused, reset, timed out,
+/// invalid) does not win: the others go on, and when none is left the failure
+/// is retried by the pool's usual rules. At the win the others are cancelled:
+/// a queued one is withdrawn without running, a running one has its upstream
+/// connection closed (never reused mid-response), and each worker's `pending`
+/// falls once, when its operation ends.
+public struct HedgePolicy: Sendable, Hashable {
+    /// Start another copy after this long without a response head; `nil`: never.
+    public var after: Duration?
+    /// Most copies of one request for timed hedging, the first included.
+    public var maxCopies: Int
+    /// Most copies `X-Balancer-Replicas` may ask for; 1 forbids the header.
+    public var maxReplicas: Int
+
+    public init(after: Duration?, maxCopies: Int, maxReplicas: Int) {
+        self.after = after
+        self.maxCopies = maxCopies
+        self.maxReplicas = maxReplicas
+    }
+
+    /// The request header that asks for copies at once.
+    static let replicasHeader = "x-balancer-replicas"
+
+    /// How to send one request.
+    enum Plan: Equatable {
+        /// One copy, with the pool's retries.
+        case single
+        /// `atOnce` copies at once, then timed ones after `after` up to `maxCopies`.
+        case hedged(atOnce: Int, after: Duration?, maxCopies: Int)
+        /// The request asked for something the configuration does not allow.
+        case refused(APIError)
+    }
+
+    /// Decides how `head` is sent, and removes `X-Balancer-Replicas` from it
+    /// (it is for the balancer, not the backend).
+    func plan(for head: inout HTTPRequestHead, replayable: Bool) -> Plan {
+        var asked = 1
+        if let value = head.headers.first(name: Self.replicasHeader) {
+            head.headers.remove(name: Self.replicasHeader)
+            guard let count = Int(value), count >= 1 else {
+                return .refused(.badReplicas(value, cap: maxReplicas))
+            }
+            if count > 1 && maxReplicas == 1 { return .refused(.replicasForbidden) }
+            asked = min(count, maxReplicas)
+        }
+        guard replayable && head.method.isIdempotent else { return .single }
+        if asked > 1 { return .hedged(atOnce: asked, after: nil, maxCopies: asked) }
+        if let after, maxCopies > 1 { return .hedged(atOnce: 1, after: after, maxCopies: maxCopies) }
+        return .single
+    }
+}
+
+extension ServerConfiguration {
+    /// The default pool's hedging settings.
+    public var upstreamHedging: HedgePolicy {
+        HedgePolicy(
+            after: upstreamHedgeAfterMilliseconds > 0 ? .milliseconds(upstreamHedgeAfterMilliseconds) : nil,
+            maxCopies: upstreamHedgeMax,
+            maxReplicas: upstreamMaxReplicas
+        )
+    }
+}
+
+extension APIError {
+    static func badReplicas(_ value: String, cap: Int) -> APIError {
+        .badRequest("header X-Balancer-Replicas: \"\(value)\" is not a whole number of copies from 1 to \(cap)")
+    }
+
+    static let replicasForbidden = APIError(
+        status: .badRequest,
+        code: "replicas_forbidden",
+        message: "header X-Balancer-Replicas: this balancer sends one copy of each request (upstream_max_replicas is 1)"
+    )
+}
+
+/// Hedging's figures for `/stats`.
+struct HedgeStats: Sendable, Equatable {
+    /// Requests that had at least one extra copy start.
+    var hedgedRequests = 0
+    /// Extra copies that started on a worker (not counting the first, nor retries).
+    var copiesSent = 0
+    /// Hedged requests won by the copy that started first, second, ...
+    var winsByCopy: [Int]
+    /// Copies still queued or running when another won, and so cancelled.
+    var cancelledLosers = 0
+    /// Copies due that found no worker with room on another backend.
+    var skipped = 0
+
+    init(copies: Int) { winsByCopy = Array(repeating: 0, count: copies) }
+
+    var json: JSONValue {
+        .object(
+            JSONObject([
+                ("hedged_requests", JSONValue(hedgedRequests)),
+                ("copies_sent", JSONValue(copiesSent)),
+                ("wins_by_copy", .array(winsByCopy.map { JSONValue($0) })),
+                ("cancelled_losers", JSONValue(cancelledLosers)),
+                ("skipped", JSONValue(skipped)),
+            ])
+        )
+    }
+}
+
+/// One hedged request's copies: who won, which backends are in use, and the
+/// tasks to cancel. Shared by the copies' tasks and the request's own task.
+final class HedgeRace: Sendable {
+    private struct State {
+        /// The copy that took the client (by id), once one has.
+        var winner: Int?
+        /// The client went away: cancel everything.
+        var cancelled = false
+        /// Running or queued copies, by id.
+        var tasks: [Int: Task<Void, Never>] = [:]
+        /// Backends of the copies that started.
+        var backends: Set<Int> = []
+        /// Copies started so far: a copy's rank is its place in this order.
+        var started = 0
+        /// Rank of each started copy, by id.
+        var ranks: [Int: Int] = [:]
+        /// Copies that had started on a worker when another won.
+        var losers = 0
+    }
+
+    private let state = Mutex(State())
+
+    var winner: Int? { state.withLock { $0.winner } }
+    /// The winner's rank (0 for the copy that started first).
+    var winnerRank: Int? { state.withLock { state in state.winner.flatMap { state.ranks[$0] } } }
+    var losersCancelled: Int { state.withLock { $0.losers } }
+
+    /// Keeps `task` of copy `id` to cancel if another copy wins; cancels it at
+    /// once if one already has, or the client is gone.
+    func register(_ id: Int, _ task: Task<Void, Never>) {
+        let cancel = state.withLock { state -> Bool in
+            if state.cancelled || (state.winner != nil && state.winner != id) { return true }
+            state.tasks[id] = task
+            return false
+        }
+        if cancel { task.cancel() }
+    }
+
+    func finished(_ id: Int) {
+        _ = state.withLock { $0.tasks.removeValue(forKey: id) }
+    }
+
+    /// Copy `id` started on a worker of backend `backend`.
+    func started(_ id: Int, backend: Int) {
+        state.withLock { state in
+            state.backends.insert(backend)
+            state.ranks[id] = state.started
+            state.started += 1
+        }
+    }
+
+    func uses(backend: Int) -> Bool { state.withLock { $0.backends.contains(backend) } }
+
+    /// Copy `id` has a response head: it wins if nobody did yet, and every
+    /// other copy is cancelled. Returns whether it won.
+    func claim(_ id: Int) -> Bool {
+        let losers: [Task<Void, Never>]? = state.withLock { state in
+            guard state.winner == nil, !state.cancelled else { return nil }
+            state.winner = id
+            let losers = state.tasks.filter { $0.key != id }
+            state.losers = losers.keys.filter { state.ranks[$0] != nil }.count
+            return Array(losers.values)
+        }
+        guard let losers else { return false }
+        for task in losers { task.cancel() }
+        return true
+    }
+
+    /// The client went away: every copy is cancelled.
+    func cancelAll() {
+        let tasks = state.withLock { state in
+            state.cancelled = true
+            return Array(state.tasks.values)
+        }
+        for task in tasks { task.cancel() }
+    }
+}
+
+/// The client as one copy sees it: the response head goes through only for
+/// the copy that wins the race; a later one throws, which closes its upstream
+/// connection (the forwarder treats it as a client that went away).
+struct HedgeCopyWriter<Client: ClientResponseWriting>: ClientResponseWriting {
+    struct Lost: Error {}
+
+    let race: HedgeRace
+    let id: Int
+    let client: Client
+
+    var headWritten: Bool { race.winner == id && client.headWritten }
+
+    func writeHead(_ head: HTTPResponseHead) async throws {
+        guard race.claim(id) else { throw Lost() }
+        try await client.writeHead(head)
+    }
+
+    func writeBody(_ buffer: ByteBuffer) async throws { try await client.writeBody(buffer) }
+
+    func end(trailers: HTTPHeaders?) async throws { try await client.end(trailers: trailers) }
+}
+
+extension UpstreamPool {
+    private enum HedgeEvent: Sendable {
+        /// Copy `id` is on a worker.
+        case started(id: Int)
+        /// The hedge delay passed.
+        case timer
+        /// Copy `id` ended.
+        case finished(id: Int, error: (any Error)?)
+    }
+
+    /// Sends `head` as `plan` says, with copies on other backends; the first
+    /// response head wins. See ``HedgePolicy``.
+    func hedge<Body: AsyncSequence & Sendable>(
+        _ head: HTTPRequestHead,
+        body: Body,
+        atOnce: Int,
+        after: Duration?,
+        maxCopies: Int,
+        forwarding: ForwardedFor,
+        to writer: some ClientResponseWriting
+    ) async -> Outcome where Body.Element == ByteBuffer {
+        let race = HedgeRace()
+        let (events, sink) = AsyncStream.makeStream(of: HedgeEvent.self)
+        defer { sink.finish() }
+
+        /// Starts copy `id`: the first and retries anywhere, the others only on
+        /// spare capacity on a backend no other copy uses.
+        func launch(_ id: Int, spare: Bool) {
+            let operation: @Sendable (Int) async throws -> ForwardResult = { worker in
+                race.started(id, backend: self.backendIndex(of: worker))
+                sink.yield(.started(id: id))
+                let copyWriter = HedgeCopyWriter(race: race, id: id, client: writer)
+                return try await self.forward(on: worker, head, body: body, forwarding: forwarding, to: copyWriter)
+            }
+            let task = Task {
+                var failure: (any Error)?
+                do {
+                    if spare {
+                        _ = try await self.balancer.submitOnWorker(
+                            ifRoomAmong: { !race.uses(backend: self.backendIndex(of: $0)) }, operation)
+                    } else {
+                        _ = try await self.balancer.submitOnWorker(operation)
+                    }
+                } catch {
+                    failure = error
+                }
+                race.finished(id)
+                sink.yield(.finished(id: id, error: failure))
+            }
+            race.register(id, task)
+        }
+
+        return await withTaskCancellationHandler {
+            var nextID = 0
+            var inFlight = 0
+            /// Launched copies not yet on a worker.
+            var unstarted: Set<Int> = []
+            /// Copies launched to run only on spare capacity (not the first, not retries).
+            var spareIDs: Set<Int> = []
+            var copiesDue = atOnce - 1
+            var hedgesStarted = 0
+            var skipped = 0
+            var retriesLeft = retries
+            var lastError: UpstreamError?
+            var outcome: Outcome?
+            var timer: Task<Void, Never>?
+            defer { timer?.cancel() }
+
+            func start(spare: Bool) {
+                launch(nextID, spare: spare)
+                unstarted.insert(nextID)
+                if spare { spareIDs.insert(nextID) }
+                nextID += 1
+                inFlight += 1
+            }
+            /// Another copy after `after`, if one may still go.
+            func armTimer() {
+                timer?.cancel()
+                timer = nil
+                guard let after, race.winner == nil, 1 + hedgesStarted < maxCopies else { return }
+                timer = Task {
+                    try? await Task.sleep(for: after)
+                    if !Task.isCancelled { sink.yield(.timer) }
+                }
+            }
+
+            start(spare: false)
+            for await event in events {
+                switch event {
+                case .started(let id):
+                    unstarted.remove(id)
+                    if spareIDs.contains(id) { hedgesStarted += 1 }
+                    if copiesDue > 0 {
+                        copiesDue -= 1
+                        start(spare: true)
+                    } else {
+                        armTimer()
+                    }
+                case .timer:
+                    timer = nil
+                    if race.winner == nil && outcome == nil && unstarted.isEmpty && 1 + hedgesStarted < maxCopies {
+                        start(spare: true)
+                    }
+                case .finished(let id, let error):
+                    inFlight -= 1
+                    unstarted.remove(id)
+                    if race.winner == id {
+                        // The winner's exchange is over: its response went out, or broke off.
+                        outcome = error == nil ? .forwarded : .abort
+                    } else if let error, race.winner == nil, outcome == nil {
+                        if spareIDs.contains(id), let error = error as? BalancerError,
+                            error == .busy || error == .unavailable
+                        {
+                            // No spare worker on another backend: try again after the delay.
+                            skipped += 1
+                            if inFlight > 0 { armTimer() }
+                        } else {
+                            switch error {
+                            case let error as UpstreamError where error.kind == .clientAborted:
+                                outcome = .abort
+                            case let error as UpstreamError:
+                                lastError = error
+                            case BalancerError.cancelled:
+                                outcome = .abort
+                            case BalancerError.unavailable:
+                                outcome = .failed(lastError.map { .noHealthyBackend(after: $0) } ?? APIError(error))
+                            case let error:
+                                outcome = .failed(APIError(error))
+                            }
+                        }
+                        if inFlight == 0 && outcome == nil {
+                            // Every copy failed before a response head: the pool's retry rules.
+                            if let lastError, retriesLeft > 0,
+                                lastError.isRetryable(method: head.method, bodyReplayable: true)
+                            {
+                                retriesLeft -= 1
+                                countRetry(on: lastError.backend)
+                                start(spare: false)
+                            } else {
+                                outcome = .failed(lastError.map { APIError($0) } ?? APIError(BalancerError.unavailable))
+                            }
+                        }
+                    }
+                }
+                if outcome != nil || race.winner != nil {
+                    timer?.cancel()
+                    timer = nil
+                }
+                if outcome != nil && inFlight == 0 { break }
+            }
+            recordHedge(race: race, hedgesStarted: hedgesStarted, skipped: skipped)
+            return outcome ?? .abort
+        } onCancel: {
+            race.cancelAll()
+        }
+    }
+
+    /// Adds one request's figures to the pool's hedging stats.
+    private func recordHedge(race: HedgeRace, hedgesStarted: Int, skipped: Int) {
+        guard hedgesStarted > 0 || skipped > 0 else { return }
+        hedgeStats.withLock { stats in
+            stats.skipped += skipped
+            guard hedgesStarted > 0 else { return }
+            stats.hedgedRequests += 1
+            stats.copiesSent += hedgesStarted
+            stats.cancelledLosers += race.losersCancelled
+            if let rank = race.winnerRank, stats.winsByCopy.indices.contains(rank) {
+                stats.winsByCopy[rank] += 1
+            }
+        }
+    }
+}

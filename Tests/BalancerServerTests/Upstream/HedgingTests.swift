@@ -1,0 +1,196 @@
+import BalancerCore
+import Foundation
+import NIOHTTP1
+import Testing
+
+@testable import BalancerServer
+
+#if canImport(FoundationNetworking)
+import FoundationNetworking
+#endif
+
+/// The pool's `hedging` figures and every worker's `pending`, from `/stats`.
+private struct HedgeFigures: Equatable, CustomStringConvertible {
+    var hedged = 0
+    var copies = 0
+    var wins: [Int] = []
+    var losers = 0
+    var skipped = 0
+    var pending: [Int] = []
+    var retries: [Int] = []
+
+    static func read(_ server: TestServer) async throws -> HedgeFigures {
+        let stats = try await request(server.url("/stats"))
+        let upstream = try #require(try stats.json["upstream"] as? [String: any Sendable])
+        let hedging = try #require(upstream["hedging"] as? [String: any Sendable])
+        let workers = try #require(upstream["workers"] as? [[String: any Sendable]])
+        let backends = try #require(upstream["backends"] as? [[String: any Sendable]])
+        return HedgeFigures(
+            hedged: hedging["hedged_requests"] as? Int ?? -1,
+            copies: hedging["copies_sent"] as? Int ?? -1,
+            wins: hedging["wins_by_copy"] as? [Int] ?? [],
+            losers: hedging["cancelled_losers"] as? Int ?? -1,
+            skipped: hedging["skipped"] as? Int ?? -1,
+            pending: workers.map { $0["pending"] as? Int ?? -1 },
+            retries: backends.map { $0["retries"] as? Int ?? -1 }
+        )
+    }
+
+    var description: String {
+        "hedged \(hedged) copies \(copies) wins \(wins) losers \(losers) skipped \(skipped) pending \(pending) retries \(retries)"
+    }
+}
+
+/// Waits until every upstream worker's pending is back to 0, then returns the figures.
+private func settled(_ server: TestServer) async throws -> HedgeFigures {
+    var figures = try await HedgeFigures.read(server)
+    let deadline = ContinuousClock.now + .seconds(10)
+    while figures.pending.contains(where: { $0 != 0 }) && ContinuousClock.now < deadline {
+        try await Task.sleep(for: .milliseconds(20))
+        figures = try await HedgeFigures.read(server)
+    }
+    return figures
+}
+
+@Suite("hedged upstream requests: copies on other backends, the first response wins")
+struct HedgingTests {
+    @Test("after the delay a copy goes to the other backend and wins; the slow one is cancelled and sees the disconnect")
+    func timedCopyWins() async throws {
+        let slow = try await UpstreamTestBackend.start(responseDelay: .seconds(10))
+        let fast = try await UpstreamTestBackend.start()
+        defer { Task { await slow.stop(); await fast.stop() } }
+        try await withProxy([slow.port, fast.port], { $0.upstreamHedgeAfterMilliseconds = 50 }) { server, _ in
+            // The first request goes to worker 0, the slow backend's.
+            let answer = try await request(server.url("/delayed"))
+            #expect(answer.status == 200)
+            #expect(answer.text == "port \(fast.port)", "the copy on the fast backend answered")
+
+            let figures = try await settled(server)
+            #expect(figures.pending.allSatisfy { $0 == 0 }, "\(figures)")
+            #expect(figures.hedged == 1 && figures.copies == 1 && figures.losers == 1 && figures.skipped == 0, "\(figures)")
+            #expect(figures.wins == [0, 1], "the second copy won: \(figures)")
+            #expect(figures.retries == [0, 0])
+            #expect(try await eventually { slow.disconnectsWhileDelayed == 1 }, "the loser's connection was closed")
+            #expect(slow.requestsReceived == 1 && fast.requestsReceived == 1, "one request each, no retry")
+        }
+    }
+
+    @Test("a copy that fails fast does not win while another copy may still answer")
+    func fastFailureDoesNotWin() async throws {
+        let gone = try await UpstreamTestBackend.start()
+        let deadPort = gone.port
+        await gone.stop()
+        let live = try await UpstreamTestBackend.start(responseDelay: .milliseconds(300))
+        defer { Task { await live.stop() } }
+        try await withProxy([deadPort, live.port]) { server, _ in
+            // Two copies at once: the first on the dead backend (refused at once), the second on the live one.
+            let answer = try await request(server.url("/delayed"), headers: ["X-Balancer-Replicas": "2"])
+            #expect(answer.status == 200, "\(answer.text)")
+            #expect(answer.text == "port \(live.port)")
+            let figures = try await settled(server)
+            #expect(figures.hedged == 1 && figures.copies == 1 && figures.losers == 0, "\(figures)")
+            #expect(figures.wins == [0, 1], "\(figures)")
+            #expect(figures.retries == [0, 0], "the live copy answered; no retry was needed: \(figures)")
+            #expect(live.requestsReceived == 1)
+        }
+    }
+
+    @Test("X-Balancer-Replicas: N copies at once on distinct backends, capped by upstream_max_replicas, and not forwarded")
+    func replicasHeader() async throws {
+        let slowest = try await UpstreamTestBackend.start(responseDelay: .seconds(10))
+        let slow = try await UpstreamTestBackend.start(responseDelay: .milliseconds(200))
+        let idle = try await UpstreamTestBackend.start()
+        defer { Task { await slowest.stop(); await slow.stop(); await idle.stop() } }
+        try await withProxy([slowest.port, slow.port, idle.port]) { server, _ in
+            // 5 asked, capped at the default 2: the third backend never sees the request.
+            let answer = try await request(server.url("/delayed"), headers: ["X-Balancer-Replicas": "5"])
+            #expect(answer.status == 200)
+            #expect(answer.text == "port \(slow.port)")
+            let figures = try await settled(server)
+            #expect(figures.hedged == 1 && figures.copies == 1 && figures.losers == 1, "\(figures)")
+            #expect(figures.wins == [0, 1], "\(figures)")
+            #expect(try await eventually { slowest.disconnectsWhileDelayed == 1 })
+            #expect(idle.requestsReceived == 0, "capped at 2 copies")
+            #expect(slowest.requestsWithBalancerHeaders + slow.requestsWithBalancerHeaders == 0, "the header is the balancer's")
+
+            // Bad values are refused before anything is sent.
+            for value in ["two", "0", "-1"] {
+                let refused = try await request(server.url("/delayed"), headers: ["X-Balancer-Replicas": value])
+                #expect(refused.status == 400)
+                #expect(refused.errorCode == "bad_request")
+            }
+            #expect(slowest.requestsReceived + slow.requestsReceived + idle.requestsReceived == 2)
+        }
+        // upstream_max_replicas 1 forbids asking for more than one copy.
+        let backend = try await UpstreamTestBackend.start()
+        defer { Task { await backend.stop() } }
+        try await withProxy([backend.port], { $0.upstreamMaxReplicas = 1 }) { server, _ in
+            let forbidden = try await request(server.url("/echo"), headers: ["X-Balancer-Replicas": "2"])
+            #expect(forbidden.status == 400)
+            #expect(forbidden.errorCode == "replicas_forbidden")
+            let one = try await request(server.url("/echo"), headers: ["X-Balancer-Replicas": "1"])
+            #expect(one.status == 200)
+            #expect(backend.requestsReceived == 1)
+        }
+    }
+
+    @Test("POST (and a PUT with a streamed body) is never copied, by delay or by header")
+    func nonIdempotentNeverCopied() async throws {
+        let slow = try await UpstreamTestBackend.start(responseDelay: .milliseconds(300))
+        let fast = try await UpstreamTestBackend.start()
+        defer { Task { await slow.stop(); await fast.stop() } }
+        try await withProxy([slow.port, fast.port], { $0.upstreamHedgeAfterMilliseconds = 20 }) { server, _ in
+            let posted = try await request(
+                server.url("/delayed"), method: "POST", body: "{}", headers: ["X-Balancer-Replicas": "2"])
+            #expect(posted.status == 200)
+            #expect(posted.text == "port \(slow.port)", "the only copy, on the first worker's backend")
+            #expect(slow.requestsReceived == 1 && fast.requestsReceived == 0, "the backends saw one request")
+
+            // A PUT whose body is streamed cannot be sent twice.
+            let put = try await request(server.url("/delayed"), method: "PUT", body: "{}")
+            #expect(put.status == 200)
+            #expect(slow.requestsReceived + fast.requestsReceived == 2)
+            let figures = try await settled(server)
+            #expect(figures.hedged == 0 && figures.copies == 0 && figures.losers == 0, "\(figures)")
+            #expect(figures.wins.allSatisfy { $0 == 0 })
+        }
+    }
+
+    @Test("a client that goes away cancels every copy: both backends see the disconnect, pending returns to 0")
+    func clientGoneCancelsEveryCopy() async throws {
+        let first = try await UpstreamTestBackend.start(responseDelay: .seconds(10))
+        let second = try await UpstreamTestBackend.start(responseDelay: .seconds(10))
+        defer { Task { await first.stop(); await second.stop() } }
+        try await withProxy([first.port, second.port], { $0.upstreamHedgeAfterMilliseconds = 50 }) { server, _ in
+            _ = try? await curl(["--max-time", "1", server.url("/delayed").absoluteString])
+            #expect(try await eventually { first.disconnectsWhileDelayed == 1 && second.disconnectsWhileDelayed == 1 })
+            let figures = try await settled(server)
+            #expect(figures.pending.allSatisfy { $0 == 0 }, "\(figures)")
+            #expect(figures.hedged == 1 && figures.copies == 1 && figures.losers == 0, "nobody won: \(figures)")
+            #expect(figures.wins == [0, 0])
+        }
+    }
+
+    @Test("which requests are copied, and how the header is read", arguments: [
+        (HTTPMethod.GET, true, nil, HedgePolicy.Plan.hedged(atOnce: 1, after: .milliseconds(10), maxCopies: 3)),
+        (.HEAD, true, nil, .hedged(atOnce: 1, after: .milliseconds(10), maxCopies: 3)),
+        (.OPTIONS, true, nil, .hedged(atOnce: 1, after: .milliseconds(10), maxCopies: 3)),
+        (.PUT, true, nil, .hedged(atOnce: 1, after: .milliseconds(10), maxCopies: 3)),
+        (.DELETE, true, "2", .hedged(atOnce: 2, after: nil, maxCopies: 2)),
+        (.GET, true, "9", .hedged(atOnce: 4, after: nil, maxCopies: 4)),
+        (.GET, true, "1", .hedged(atOnce: 1, after: .milliseconds(10), maxCopies: 3)),
+        (.GET, false, "2", .single),
+        (.POST, true, nil, .single),
+        (.POST, true, "2", .single),
+        (.PATCH, true, "2", .single),
+        (.GET, true, "x", .refused(.badReplicas("x", cap: 4))),
+        (.POST, true, "0", .refused(.badReplicas("0", cap: 4))),
+    ] as [(HTTPMethod, Bool, String?, HedgePolicy.Plan)])
+    func plans(method: HTTPMethod, replayable: Bool, replicas: String?, expected: HedgePolicy.Plan) {
+        let policy = HedgePolicy(after: .milliseconds(10), maxCopies: 3, maxReplicas: 4)
+        var head = HTTPRequestHead(version: .http1_1, method: method, uri: "/")
+        if let replicas { head.headers.add(name: "X-Balancer-Replicas", value: replicas) }
+        #expect(policy.plan(for: &head, replayable: replayable) == expected)
+        #expect(head.headers["x-balancer-replicas"].isEmpty, "removed before forwarding")
+    }
+}
