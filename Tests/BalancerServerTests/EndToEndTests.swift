@@ -113,8 +113,14 @@ func childPID(of pid: Int32) throws -> Int32? {
 /// Runs `arguments` and returns (exit status, stdout + stderr).
 func runBalancer(_ arguments: [String], environment: [String: String] = [:]) async throws -> (Int32, String) {
     let binary = try #require(balancerBinary, "build the balancer executable first: swift build")
+    return try await runProcess(binary, arguments, environment: environment)
+}
+
+/// Runs `executable` with `arguments` and returns (exit status, stdout + stderr);
+/// `BALANCER_*` variables are not inherited.
+func runProcess(_ executable: URL, _ arguments: [String], environment: [String: String] = [:]) async throws -> (Int32, String) {
     let process = Process()
-    process.executableURL = binary
+    process.executableURL = executable
     process.arguments = arguments
     var env = ProcessInfo.processInfo.environment.filter { !$0.key.hasPrefix("BALANCER_") }
     env.merge(environment) { _, new in new }
