@@ -57,6 +57,8 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "Most copies of one hedged request, the first included. [default: 2]") var upstreamHedgeMax: String?
     @Option(help: "Most copies X-Balancer-Replicas may ask for; 1 forbids the header. [default: 2]")
     var upstreamMaxReplicas: String?
+    @Flag(inversion: .prefixedNo, help: "Latency histograms in /stats and GET /metrics. [default: on]") var metrics: Bool?
+    @Flag(inversion: .prefixedNo, help: "One JSON line per answered request on stdout. [default: off]") var accessLog: Bool?
 
     /// The flags given, by configuration key name.
     private var flags: [String: String] {
@@ -71,6 +73,7 @@ struct Serve: AsyncParsableCommand {
             ("connections_per_upstream", connectionsPerUpstream), ("upstream_retries", upstreamRetries),
             ("upstream_hedge_after_ms", upstreamHedgeAfterMs), ("upstream_hedge_max", upstreamHedgeMax),
             ("upstream_max_replicas", upstreamMaxReplicas),
+            ("metrics", metrics.map { String($0) }), ("access_log", accessLog.map { String($0) }),
         ]
         var flags: [String: String] = [:]
         for case let (name, value?) in pairs { flags[name] = value }

@@ -22,6 +22,8 @@ let balancerBinary: URL? = {
 final class ServeProcess: @unchecked Sendable {
     let process = Process()
     let logURL: URL
+    /// Where the server's standard output (the access log) goes.
+    let outputURL: URL
     private(set) var port = 0
 
     /// - Parameter asPID1: run it as PID 1 of a new PID namespace, as in a container.
@@ -29,6 +31,8 @@ final class ServeProcess: @unchecked Sendable {
         let binary = try #require(balancerBinary, "build the balancer executable first: swift build")
         logURL = FileManager.default.temporaryDirectory.appendingPathComponent("balancer-e2e-\(UUID().uuidString).log")
         _ = FileManager.default.createFile(atPath: logURL.path, contents: nil)
+        outputURL = logURL.deletingPathExtension().appendingPathExtension("out")
+        _ = FileManager.default.createFile(atPath: outputURL.path, contents: nil)
         if asPID1 {
             process.executableURL = URL(fileURLWithPath: "/usr/bin/unshare")
             process.arguments = ["--pid", "--fork", "--mount-proc", binary.path, "serve"] + arguments
@@ -39,11 +43,12 @@ final class ServeProcess: @unchecked Sendable {
         var env = ProcessInfo.processInfo.environment.filter { !$0.key.hasPrefix("BALANCER_") }
         env.merge(environment) { _, new in new }
         process.environment = env
-        process.standardOutput = FileHandle.nullDevice
+        process.standardOutput = try FileHandle(forWritingTo: outputURL)
         process.standardError = try FileHandle(forWritingTo: logURL)
     }
 
     var log: String { (try? String(contentsOf: logURL, encoding: .utf8)) ?? "" }
+    var output: String { (try? String(contentsOf: outputURL, encoding: .utf8)) ?? "" }
 
     /// Starts it and waits for its "listening" log line, which gives the real port.
     func start() async throws {
@@ -79,6 +84,7 @@ final class ServeProcess: @unchecked Sendable {
             process.waitUntilExit()
         }
         try? FileManager.default.removeItem(at: logURL)
+        try? FileManager.default.removeItem(at: outputURL)
     }
 }
 

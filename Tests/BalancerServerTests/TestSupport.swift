@@ -26,8 +26,11 @@ struct TestServer: Sendable {
 }
 
 /// Runs `body` against a fresh server, then drains it gracefully and waits for it to stop.
+///
+/// - Parameter accessLog: where the access log goes when `access_log` is on.
 func withServer<T: Sendable>(
     _ configure: (inout ServerConfiguration) -> Void = { _ in },
+    accessLog: AccessLogSink? = nil,
     _ body: (TestServer) async throws -> T
 ) async throws -> T {
     var configuration = ServerConfiguration()
@@ -39,7 +42,7 @@ func withServer<T: Sendable>(
         configuration.upstreams.isEmpty
         ? nil : try UpstreamPool(configuration: configuration, eventLoopGroup: MultiThreadedEventLoopGroup.singleton)
     let server = try await HTTPServer.bind(
-        configuration: configuration, balancer: balancer, upstream: upstream, logger: quietLogger)
+        configuration: configuration, balancer: balancer, upstream: upstream, accessLog: accessLog, logger: quietLogger)
     let grace = Duration.milliseconds(configuration.gracePeriodMilliseconds)
     let group = ServiceGroup(
         configuration: .init(

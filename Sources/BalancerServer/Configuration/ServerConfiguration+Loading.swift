@@ -113,6 +113,8 @@ extension ServerConfiguration {
         .int64("upstream_hedge_after_ms", "copy an idempotent request to another backend after this long without a response head, ms; 0 = off", \.upstreamHedgeAfterMilliseconds, range: 0...3_600_000),
         .int("upstream_hedge_max", "most copies of one hedged request, the first included", \.upstreamHedgeMax, range: 1...16),
         .int("upstream_max_replicas", "most copies X-Balancer-Replicas may ask for (capped above); 1 forbids the header", \.upstreamMaxReplicas, range: 1...16),
+        .bool("metrics", "latency histograms in /stats and GET /metrics (off: not recorded)", \.metrics),
+        .bool("access_log", "one JSON line per answered request on stdout", \.accessLog),
     ]
 
     /// The environment variable that names the JSON file, like `--config`.
@@ -208,6 +210,19 @@ extension ServerConfiguration.RawValue {
         }
     }
 
+    fileprivate func bool(_ name: String) throws(ConfigurationError) -> Bool {
+        switch self {
+        case .text(let text):
+            switch text.trimmingWhitespace().lowercased() {
+            case "true", "1", "yes", "on": return true
+            case "false", "0", "no", "off": return false
+            default: throw ConfigurationError("\(name): \"\(text)\" is not true or false")
+            }
+        case .json(.bool(let value)): return value
+        case .json(let other): throw ConfigurationError("\(name): must be true or false, not \(other.typeName)")
+        }
+    }
+
     fileprivate func int64(_ name: String, range: ClosedRange<Int64>) throws(ConfigurationError) -> Int64 {
         let value: Int64?
         let shown: String
@@ -273,6 +288,21 @@ extension ServerConfiguration.Key {
                 config[keyPath: path] = Int(value)
             },
             get: { JSONValue($0[keyPath: path]) }
+        )
+    }
+
+    fileprivate static func bool(
+        _ name: String,
+        _ help: String,
+        _ path: WritableKeyPath<ServerConfiguration, Bool> & Sendable
+    ) -> Self {
+        Self(
+            name: name,
+            help: help,
+            set: { (config, raw) throws(ConfigurationError) in
+                config[keyPath: path] = try raw.bool(name)
+            },
+            get: { .bool($0[keyPath: path]) }
         )
     }
 

@@ -68,6 +68,11 @@ public struct ServerConfiguration: Sendable, Equatable {
     /// Most copies a client may ask for with `X-Balancer-Replicas` (more are
     /// capped to this); 1 forbids the header (400).
     public var upstreamMaxReplicas = 2
+    /// Latency histograms in `/stats` and `GET /metrics`; off, neither is
+    /// recorded (for measuring what they cost).
+    public var metrics = true
+    /// One JSON line per answered request on standard output.
+    public var accessLog = false
 
     public init() {}
 

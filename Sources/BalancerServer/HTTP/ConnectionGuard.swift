@@ -192,6 +192,8 @@ final class ConnectionGuard: ChannelDuplexHandler, RemovableChannelHandler {
         head.headers.add(name: "content-type", value: "application/json")
         head.headers.add(name: "content-length", value: String(body.readableBytes))
         head.headers.add(name: "connection", value: "close")
+        // No request head was taken from the parser for this answer: a new id.
+        head.headers.add(name: RequestID.headerName, value: RequestID.generate())
         for (name, value) in error.headers { head.headers.add(name: name, value: value) }
         context.write(wrapOutboundOut(.head(head)), promise: nil)
         context.write(wrapOutboundOut(.body(.byteBuffer(body))), promise: nil)

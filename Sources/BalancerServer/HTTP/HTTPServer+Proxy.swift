@@ -20,6 +20,7 @@ extension HTTPServer {
     /// another request.
     func proxy(
         _ head: HTTPRequestHead,
+        requestID: String,
         parts: inout NIOAsyncChannelInboundStream<HTTPServerRequestPart>.AsyncIterator,
         connection: Connection,
         outbound: NIOAsyncChannelOutboundWriter<HTTPServerResponsePart>
@@ -27,11 +28,14 @@ extension HTTPServer {
         guard let upstream else { return false }
         let keepAlive = head.isKeepAlive && !state.isDraining
         let acceptsTrailers = head.headers[canonicalForm: "te"].contains { $0.lowercased() == "trailers" }
+        let started = observer.isActive ? ContinuousClock.now : nil
         let writer = ClientResponseWriter(
-            outbound: outbound, version: head.version, keepAlive: keepAlive, acceptsTrailers: acceptsTrailers)
+            outbound: outbound, version: head.version, keepAlive: keepAlive, acceptsTrailers: acceptsTrailers,
+            requestID: requestID)
         let forwarding = ForwardedFor(
             client: connection.channel.remoteAddress,
-            host: head.headers.first(name: "host")
+            host: head.headers.first(name: "host"),
+            requestID: requestID
         )
         let hasBody =
             head.headers.first(name: "transfer-encoding") != nil
@@ -81,12 +85,25 @@ extension HTTPServer {
         }
 
         switch outcome {
-        case .forwarded:
+        case .forwarded(let served, let result):
+            if let started {
+                observer.observe(
+                    RequestRecord(
+                        method: head.method, uri: head.uri, requestID: requestID, status: result.status, pool: .upstream,
+                        served: served, total: .now - started, bytesIn: result.requestBodyBytes,
+                        bytesOut: result.responseBodyBytes))
+            }
             return keepAlive && bodyEnded
         case .failed(let error):
-            try await write(Response(error, allocator: connection.channel.allocator), for: head, keepAlive: false, to: outbound)
+            let response = Response(error, allocator: connection.channel.allocator)
+            try await write(response, for: head, requestID: requestID, keepAlive: false, to: outbound)
+            observe(head, requestID: requestID, error: response, pool: .upstream)
             return false
         case .abort:
+            // The client went away, or the backend failed after the head went
+            // out: the status is the one the client saw, if any.
+            let status = writer.writtenStatus ?? .custom(code: 499, reasonPhrase: "Client Closed Request")
+            observe(head, requestID: requestID, error: Response(status: status, body: ByteBuffer()), pool: .upstream)
             return false
         }
     }
@@ -106,21 +123,32 @@ final class ClientResponseWriter: ClientResponseWriting {
     let version: HTTPVersion
     let keepAlive: Bool
     let acceptsTrailers: Bool
-    private let wroteHead = Atomic<Bool>(false)
+    /// Sent back as `X-Request-Id`, whatever the backend said.
+    let requestID: String
+    /// The status code of the head written; 0 before.
+    private let wroteStatus = Atomic<Int>(0)
 
     init(
         outbound: NIOAsyncChannelOutboundWriter<HTTPServerResponsePart>,
         version: HTTPVersion,
         keepAlive: Bool,
-        acceptsTrailers: Bool
+        acceptsTrailers: Bool,
+        requestID: String
     ) {
         self.outbound = outbound
         self.version = version
         self.keepAlive = keepAlive
         self.acceptsTrailers = acceptsTrailers
+        self.requestID = requestID
     }
 
-    var headWritten: Bool { wroteHead.load(ordering: .acquiring) }
+    var headWritten: Bool { wroteStatus.load(ordering: .acquiring) != 0 }
+
+    /// The status of the head written, if one was.
+    var writtenStatus: HTTPResponseStatus? {
+        let code = wroteStatus.load(ordering: .acquiring)
+        return code == 0 ? nil : HTTPResponseStatus(statusCode: code)
+    }
 
     func writeHead(_ head: HTTPResponseHead) async throws {
         var head = head
@@ -130,7 +158,8 @@ final class ClientResponseWriter: ClientResponseWriting {
         } else if version.major == 1 && version.minor == 0 {
             head.headers.replaceOrAdd(name: "connection", value: "keep-alive")
         }
-        wroteHead.store(true, ordering: .releasing)
+        head.headers.replaceOrAdd(name: RequestID.headerName, value: requestID)
+        wroteStatus.store(Int(head.status.code), ordering: .releasing)
         try await outbound.write(.head(head))
     }
 

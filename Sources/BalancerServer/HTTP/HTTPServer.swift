@@ -42,6 +42,8 @@ public final class HTTPServer: Service, Sendable {
     private let serverChannel: NIOAsyncChannel<Accepted, Never>
     private let quiescing: ServerQuiescingHelper
     private let router: Router
+    /// The metrics and the access log, each `nil` when off.
+    let observer: RequestObserver
     private let logger: Logger
 
     /// The port actually bound.
@@ -54,6 +56,7 @@ public final class HTTPServer: Service, Sendable {
         state: ServerState,
         serverChannel: NIOAsyncChannel<Accepted, Never>,
         quiescing: ServerQuiescingHelper,
+        accessLog: AccessLogSink?,
         logger: Logger
     ) {
         self.configuration = configuration
@@ -63,19 +66,28 @@ public final class HTTPServer: Service, Sendable {
         self.serverChannel = serverChannel
         self.localAddress = serverChannel.channel.localAddress!
         self.quiescing = quiescing
+        let metrics =
+            configuration.metrics
+            ? ServerMetrics(workers: balancer.configuration.workers, upstreamWorkers: upstream?.balancer.configuration.workers)
+            : nil
+        self.observer = RequestObserver(metrics: metrics, accessLog: configuration.accessLog ? accessLog ?? .standardOutput : nil)
         self.router = Router(
-            balancer: balancer, registry: .builtIn, limits: configuration.jobLimits, state: state, upstream: upstream)
+            balancer: balancer, registry: .builtIn, limits: configuration.jobLimits, state: state, upstream: upstream,
+            metrics: metrics)
         self.logger = logger
     }
 
     /// Opens the listening socket at `configuration.host`:`configuration.port`.
     ///
+    /// - Parameter accessLog: where access-log lines go when `access_log` is
+    ///   on; standard output if `nil`.
     /// - Throws: ``BindError`` with a one-line message (address in use, bad host).
     public static func bind(
         configuration: ServerConfiguration,
         balancer: Balancer,
         upstream: UpstreamPool? = nil,
         eventLoopGroup: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton,
+        accessLog: AccessLogSink? = nil,
         logger: Logger
     ) async throws -> HTTPServer {
         let quiescing = ServerQuiescingHelper(group: eventLoopGroup)
@@ -146,6 +158,7 @@ public final class HTTPServer: Service, Sendable {
             state: ServerState(),
             serverChannel: serverChannel,
             quiescing: quiescing,
+            accessLog: accessLog,
             logger: logger
         )
         logger.info(
@@ -240,12 +253,15 @@ public final class HTTPServer: Service, Sendable {
             var parts = inbound.makeAsyncIterator()
             while let part = try await parts.next() {
                 guard case .head(let head) = part else { continue }
+                let requestID = RequestID.of(head.headers)
                 if isProxied(head.uri) {
-                    guard try await proxy(head, parts: &parts, connection: connection, outbound: outbound) else { return }
+                    guard try await proxy(head, requestID: requestID, parts: &parts, connection: connection, outbound: outbound)
+                    else { return }
                     continue
                 }
                 if let length = head.headers.first(name: "content-length").flatMap({ Int($0) }), length > maxBody {
-                    try await refuseBody(head, limit: maxBody, channel: connection.channel, parts: &parts, outbound: outbound)
+                    try await refuseBody(
+                        head, requestID: requestID, limit: maxBody, channel: connection.channel, parts: &parts, outbound: outbound)
                     return
                 }
                 if head.headers.first(name: "expect")?.lowercased() == "100-continue" {
@@ -257,7 +273,9 @@ public final class HTTPServer: Service, Sendable {
                     switch part {
                     case .body(var chunk):
                         if (body?.readableBytes ?? 0) + chunk.readableBytes > maxBody {
-                            try await refuseBody(head, limit: maxBody, channel: connection.channel, parts: &parts, outbound: outbound)
+                            try await refuseBody(
+                                head, requestID: requestID, limit: maxBody, channel: connection.channel, parts: &parts,
+                                outbound: outbound)
                             return
                         }
                         if body == nil {
@@ -274,8 +292,18 @@ public final class HTTPServer: Service, Sendable {
                 }
                 guard ended else { return }
                 let keepAlive = head.isKeepAlive
+                let started = observer.isActive ? ContinuousClock.now : nil
                 let response = await router.respond(to: head, body: body)
-                try await write(response, for: head, keepAlive: keepAlive, to: outbound)
+                // Recorded before the answer goes out, so a client that reads
+                // /stats after its answer finds its request counted.
+                if let started {
+                    observer.observe(
+                        RequestRecord(
+                            method: head.method, uri: head.uri, requestID: requestID, status: response.status,
+                            pool: response.pool, served: response.served, total: .now - started,
+                            bytesIn: body?.readableBytes ?? 0, bytesOut: response.body.readableBytes))
+                }
+                try await write(response, for: head, requestID: requestID, keepAlive: keepAlive, to: outbound)
                 if !keepAlive { return }
             }
         }
@@ -285,12 +313,15 @@ public final class HTTPServer: Service, Sendable {
     /// connection without resetting it, discarding what the client still sends.
     private func refuseBody(
         _ head: HTTPRequestHead,
+        requestID: String,
         limit: Int,
         channel: any Channel,
         parts: inout NIOAsyncChannelInboundStream<HTTPServerRequestPart>.AsyncIterator,
         outbound: NIOAsyncChannelOutboundWriter<HTTPServerResponsePart>
     ) async throws {
-        try await write(Response(.bodyTooLarge(limit: limit), allocator: channel.allocator), for: head, keepAlive: false, to: outbound)
+        let response = Response(.bodyTooLarge(limit: limit), allocator: channel.allocator)
+        try await write(response, for: head, requestID: requestID, keepAlive: false, to: outbound)
+        observe(head, requestID: requestID, error: response, pool: isProxied(head.uri) ? .upstream : .server)
         lingeringClose(channel)
         while try await parts.next() != nil {}
     }
@@ -298,13 +329,15 @@ public final class HTTPServer: Service, Sendable {
     func write(
         _ response: Response,
         for request: HTTPRequestHead,
+        requestID: String,
         keepAlive: Bool,
         to outbound: NIOAsyncChannelOutboundWriter<HTTPServerResponsePart>
     ) async throws {
         var headers = HTTPHeaders()
-        headers.reserveCapacity(4 + response.headers.count)
+        headers.reserveCapacity(5 + response.headers.count)
         headers.add(name: "content-type", value: response.contentType)
         headers.add(name: "content-length", value: String(response.body.readableBytes))
+        headers.add(name: RequestID.headerName, value: requestID)
         if !keepAlive {
             headers.add(name: "connection", value: "close")
         } else if request.version.major == 1 && request.version.minor == 0 {
@@ -313,6 +346,16 @@ public final class HTTPServer: Service, Sendable {
         for (name, value) in response.headers { headers.add(name: name, value: value) }
         let head = HTTPResponseHead(version: request.version, status: response.status, headers: headers)
         try await outbound.write(contentsOf: [.head(head), .body(.byteBuffer(response.body)), .end(nil)])
+    }
+
+    /// Records an error answered before a pool could time it (no worker, no
+    /// total time): its status counts, and it gets its access-log line.
+    func observe(_ head: HTTPRequestHead, requestID: String, error response: Response, pool: PoolName) {
+        guard observer.isActive else { return }
+        observer.observe(
+            RequestRecord(
+                method: head.method, uri: head.uri, requestID: requestID, status: response.status, pool: pool,
+                served: nil, total: .zero, bytesIn: 0, bytesOut: response.body.readableBytes))
     }
 }
 
@@ -345,7 +388,8 @@ final class RefuseConnectionHandler: ChannelInboundHandler {
         var out = context.channel.allocator.buffer(capacity: 160 + body.readableBytes)
         out.writeString(
             "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: \(body.readableBytes)\r\n"
-                + "retry-after: \(APIError.retryAfterSeconds)\r\nconnection: close\r\n\r\n"
+                + "retry-after: \(APIError.retryAfterSeconds)\r\n\(RequestID.headerName): \(RequestID.generate())\r\n"
+                + "connection: close\r\n\r\n"
         )
         out.writeImmutableBuffer(body)
         let loopBound = NIOLoopBound(context, eventLoop: context.eventLoop)

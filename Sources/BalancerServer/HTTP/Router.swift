@@ -9,6 +9,10 @@ struct Response: Sendable {
     var body: ByteBuffer
     var contentType: String = "application/json"
     var headers: [(String, String)] = []
+    /// The pool that answered, for the metrics and the access log.
+    var pool = PoolName.server
+    /// The worker that ran the job, when one did.
+    var served: Served?
 
     init(status: HTTPResponseStatus = .ok, body: ByteBuffer, contentType: String = "application/json", headers: [(String, String)] = []) {
         self.status = status
@@ -22,7 +26,7 @@ struct Response: Sendable {
     }
 }
 
-/// The routes: `POST /jobs`, `GET /stats`, `GET /healthz`, `GET /readyz`.
+/// The routes: `POST /jobs`, `GET /stats`, `GET /metrics`, `GET /healthz`, `GET /readyz`.
 ///
 /// Every failure becomes an ``APIError`` (mapped to its status in one place);
 /// nothing here throws to the connection.
@@ -32,6 +36,8 @@ struct Router: Sendable {
     let limits: JobLimits
     let state: ServerState
     let upstream: UpstreamPool?
+    /// Latency histograms and `/metrics`; `nil` when `metrics` is off.
+    let metrics: ServerMetrics?
     let allocator = ByteBufferAllocator()
 
     func respond(to head: HTTPRequestHead, body: ByteBuffer?) async -> Response {
@@ -48,10 +54,16 @@ struct Router: Sendable {
         switch path {
         case "/jobs":
             guard head.method == .POST else { return Response(.methodNotAllowed(head.method, path, allow: "POST"), allocator: allocator) }
-            return await job(body: body)
+            var response = await job(body: body)
+            response.pool = .jobs
+            return response
         case "/stats":
             guard head.method == .GET else { return Response(.methodNotAllowed(head.method, path, allow: "GET"), allocator: allocator) }
             return await stats(query: query)
+        case "/metrics":
+            guard let metrics else { return Response(.notFound(path), allocator: allocator) }
+            guard head.method == .GET else { return Response(.methodNotAllowed(head.method, path, allow: "GET"), allocator: allocator) }
+            return Response(body: await renderMetrics(metrics), contentType: ServerMetrics.contentType)
         case "/healthz":
             guard head.method == .GET else { return Response(.methodNotAllowed(head.method, path, allow: "GET"), allocator: allocator) }
             return Response(body: ByteBuffer(string: "{\"status\":\"ok\"}\n"))
@@ -90,7 +102,9 @@ struct Router: Sendable {
             out.writeStaticString(",\"run_us\":")
             out.writeString(String(receipt.ran.microseconds))
             out.writeStaticString("}\n")
-            return Response(body: out)
+            var response = Response(body: out)
+            response.served = Served(worker: receipt.worker, queued: receipt.queued, ran: receipt.ran)
+            return response
         } catch {
             return Response(APIError(error), allocator: allocator)
         }
@@ -126,12 +140,14 @@ struct Router: Sendable {
         }
         let snapshot = await balancer.stats()
         let uptime = state.uptime
+        let latency = metrics?.jobs.latency.snapshot()
         switch format {
         case "json":
-            var out = allocator.buffer(capacity: 256 + 128 * snapshot.workers.count)
-            var json = StatsRendering.json(snapshot, uptime: uptime)
+            var out = allocator.buffer(capacity: 256 + (latency == nil ? 128 : 512) * snapshot.workers.count)
+            var json = StatsRendering.json(snapshot, uptime: uptime, latency: latency)
             if let upstream, case .object(var object) = json {
-                object.members.append((key: "upstream", value: await upstream.statsJSON()))
+                let upstreamLatency = metrics?.upstream?.latency.snapshot()
+                object.members.append((key: "upstream", value: await upstream.statsJSON(latency: upstreamLatency)))
                 json = .object(object)
             }
             out.writeJSON(json)
@@ -139,11 +155,21 @@ struct Router: Sendable {
             return Response(body: out)
         case "text":
             return Response(
-                body: ByteBuffer(string: StatsRendering.text(snapshot, uptime: uptime)),
+                body: ByteBuffer(string: StatsRendering.text(snapshot, uptime: uptime, latency: latency)),
                 contentType: "text/plain; charset=utf-8"
             )
         default:
             return Response(.badRequest("query \"format\" must be json or text, not \"\(format)\""), allocator: allocator)
+        }
+    }
+
+    // MARK: - GET /metrics
+
+    private func renderMetrics(_ metrics: ServerMetrics) async -> ByteBuffer {
+        let jobs = await balancer.stats()
+        let upstreamStats = await upstream?.balancer.stats()
+        return metrics.render(jobs: jobs, upstream: upstreamStats) { worker in
+            upstream.map { $0.backends[$0.backendIndex(of: worker)].name }
         }
     }
 }

@@ -2,18 +2,24 @@ import BalancerCore
 
 /// `/stats` as JSON and as the talk's fixed-width table, from one ``BalancerStats`` snapshot.
 enum StatsRendering {
-    static func json(_ stats: BalancerStats, uptime: Duration) -> JSONValue {
+    /// Latency histograms per worker id, and the pool's.
+    typealias Latency = (workers: [Int: LatencyHistograms], pool: LatencyHistograms)
+
+    /// - Parameter latency: with metrics on, each worker and the pool get `latency_us`.
+    static func json(_ stats: BalancerStats, uptime: Duration, latency: Latency? = nil) -> JSONValue {
         let workers: [JSONValue] = stats.workers.map { worker in
-            .object([
+            var object: JSONObject = [
                 "id": JSONValue(worker.id),
                 "state": .string(worker.state.rawValue),
                 "pending": JSONValue(worker.pending),
                 "pending_max": JSONValue(worker.pendingMax),
                 "completed": JSONValue(worker.completed),
                 "failed": JSONValue(worker.failed),
-            ])
+            ]
+            if let latency { object.members.append((key: "latency_us", value: latencyJSON(latency, worker: worker.id))) }
+            return .object(object)
         }
-        return .object([
+        var object: JSONObject = [
             "uptime_s": JSONValue(rounded(Double(uptime.milliseconds) / 1000, places: 3)),
             "strategy": .string(stats.strategy.rawValue),
             "capacity": JSONValue(stats.capacity),
@@ -36,23 +42,41 @@ enum StatsRendering {
             "pending_mean": JSONValue(rounded(stats.pendingMean, places: 4)),
             "pending_variance": JSONValue(rounded(stats.pendingVariance, places: 4)),
             "shutting_down": .bool(stats.shuttingDown),
-        ])
+        ]
+        if let latency { object.members.append((key: "latency_us", value: latency.pool.json)) }
+        return .object(object)
     }
 
-    /// One line per worker, then the mean and variance of pending, as the talk's program printed them.
-    static func text(_ stats: BalancerStats, uptime: Duration) -> String {
+    /// A worker's `latency_us`; all zero for a worker that has served nothing yet.
+    static func latencyJSON(_ latency: Latency, worker: Int) -> JSONValue {
+        (latency.workers[worker] ?? LatencyHistograms()).json
+    }
+
+    /// One line per worker, then the mean and variance of pending, as the
+    /// talk's program printed them. With `latency`, each worker's line ends
+    /// with the p50 and p99 of its total time, and a line gives the pool's.
+    static func text(_ stats: BalancerStats, uptime: Duration, latency: Latency? = nil) -> String {
         var lines: [String] = []
         lines.append(
             "strategy \(stats.strategy.rawValue)  capacity \(stats.capacity)  uptime \(fixed(Double(uptime.milliseconds) / 1000, 1)) s"
         )
-        lines.append("worker  state     pending  pending_max  completed   failed")
+        lines.append(
+            "worker  state     pending  pending_max  completed   failed" + (latency == nil ? "" : "  total_p50_us  total_p99_us"))
         for w in stats.workers {
-            lines.append(
+            var line =
                 pad(String(w.id), 6) + "  " + w.state.rawValue.padding(8) + "  " + pad(String(w.pending), 7) + "  "
-                    + pad(String(w.pendingMax), 11) + "  " + pad(String(w.completed), 9) + "  " + pad(String(w.failed), 7)
-            )
+                + pad(String(w.pendingMax), 11) + "  " + pad(String(w.completed), 9) + "  " + pad(String(w.failed), 7)
+            if let latency {
+                let total = LatencySummary((latency.workers[w.id] ?? LatencyHistograms()).total)
+                line += "  " + pad(String(total.p50), 12) + "  " + pad(String(total.p99), 12)
+            }
+            lines.append(line)
         }
         lines.append("pending mean \(fixed(stats.pendingMean, 2))  variance \(fixed(stats.pendingVariance, 2))")
+        if let latency {
+            let total = LatencySummary(latency.pool.total)
+            lines.append("latency total p50 \(total.p50) us  p99 \(total.p99) us  count \(total.count)")
+        }
         lines.append(
             "queue depth \(stats.backlogDepth)/\(stats.backlogLimit)  timeout \(stats.queueTimeout.milliseconds) ms  "
                 + "overloaded \(stats.overloaded)  timed_out \(stats.queueTimeouts)"

@@ -234,7 +234,7 @@ extension UpstreamPool {
         /// The hedge delay passed.
         case timer
         /// Copy `id` ended.
-        case finished(id: Int, error: (any Error)?)
+        case finished(id: Int, receipt: Receipt<ForwardResult>?, error: (any Error)?)
     }
 
     /// Sends `head` as `plan` says, with copies on other backends; the first
@@ -262,19 +262,20 @@ extension UpstreamPool {
                 return try await self.forward(on: worker, head, body: body, forwarding: forwarding, to: copyWriter)
             }
             let task = Task {
+                var receipt: Receipt<ForwardResult>?
                 var failure: (any Error)?
                 do {
                     if spare {
-                        _ = try await self.balancer.submitOnWorker(
+                        receipt = try await self.balancer.submitOnWorker(
                             ifRoomAmong: { !race.uses(backend: self.backendIndex(of: $0)) }, operation)
                     } else {
-                        _ = try await self.balancer.submitOnWorker(operation)
+                        receipt = try await self.balancer.submitOnWorker(operation)
                     }
                 } catch {
                     failure = error
                 }
                 race.finished(id)
-                sink.yield(.finished(id: id, error: failure))
+                sink.yield(.finished(id: id, receipt: receipt, error: failure))
             }
             race.register(id, task)
         }
@@ -330,12 +331,12 @@ extension UpstreamPool {
                     if race.winner == nil && outcome == nil && unstarted.isEmpty && 1 + hedgesStarted < maxCopies {
                         start(spare: true)
                     }
-                case .finished(let id, let error):
+                case .finished(let id, let receipt, let error):
                     inFlight -= 1
                     unstarted.remove(id)
                     if race.winner == id {
                         // The winner's exchange is over: its response went out, or broke off.
-                        outcome = error == nil ? .forwarded : .abort
+                        outcome = receipt.map { forwarded($0) } ?? .abort
                     } else if let error, race.winner == nil, outcome == nil {
                         if spareIDs.contains(id), let error = error as? BalancerError,
                             error == .busy || error == .unavailable

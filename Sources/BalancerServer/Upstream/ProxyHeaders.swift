@@ -27,7 +27,8 @@ enum ProxyHeaders {
     /// `X-Forwarded-For` gets the client's address appended, `X-Forwarded-Proto`
     /// and `X-Forwarded-Host` are set (replacing what the client sent: this proxy
     /// is the edge), and `Via` gets `<version> swift-balancer` appended.
-    /// `X-Request-Id` and every other end-to-end header pass through.
+    /// `X-Request-Id` is the server's (``ForwardedFor/requestID``) when it has
+    /// one; it and every other end-to-end header pass through otherwise.
     static func upstreamRequest(
         _ head: HTTPRequestHead,
         forwarding: ForwardedFor,
@@ -75,9 +76,11 @@ enum ProxyHeaders {
                 via.append(value)
                 continue
             }
+            if forwarding.requestID != nil && name.equalsIgnoringASCIICase(RequestID.headerName) { continue }
             headers.add(name: name, value: value)
         }
         headers.add(name: "Host", value: host ?? backend.hostHeader)
+        if let requestID = forwarding.requestID { headers.add(name: "X-Request-Id", value: requestID) }
         switch framing {
         case .none: if emptyBodyNeedsLength { headers.add(name: "Content-Length", value: "0") }
         case .contentLength(let length): headers.add(name: "Content-Length", value: String(length))

@@ -31,16 +31,19 @@ public struct ForwardedFor: Sendable, Hashable {
     public var host: String?
     /// The scheme the client used on our listener: `http` or `https`.
     public var proto: String
+    /// Sent as `X-Request-Id` in place of the client's; `nil` passes the client's on.
+    public var requestID: String?
 
-    public init(clientAddress: String?, host: String? = nil, proto: String = "http") {
+    public init(clientAddress: String?, host: String? = nil, proto: String = "http", requestID: String? = nil) {
         self.clientAddress = clientAddress
         self.host = host
         self.proto = proto
+        self.requestID = requestID
     }
 
     /// The client's address taken from a NIO `SocketAddress` (IP only, no port).
-    public init(client: SocketAddress?, host: String? = nil, proto: String = "http") {
-        self.init(clientAddress: client?.ipAddress, host: host, proto: proto)
+    public init(client: SocketAddress?, host: String? = nil, proto: String = "http", requestID: String? = nil) {
+        self.init(clientAddress: client?.ipAddress, host: host, proto: proto, requestID: requestID)
     }
 }
 

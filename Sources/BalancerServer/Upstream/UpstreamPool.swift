@@ -80,8 +80,9 @@ public final class UpstreamPool: Sendable {
 
     /// What happened to one proxied request.
     public enum Outcome: Sendable {
-        /// The backend's response went to the client.
-        case forwarded
+        /// The backend's response went to the client: the worker that forwarded
+        /// it (on the last try), and the exchange.
+        case forwarded(Served, ForwardResult)
         /// Nothing was written to the client: answer it with this error.
         case failed(APIError)
         /// The response head was already out when it broke, or the client went
@@ -116,10 +117,10 @@ public final class UpstreamPool: Sendable {
         var lastError: UpstreamError?
         for attempt in 0...retries {
             do {
-                _ = try await balancer.submitOnWorker { worker in
+                let receipt = try await balancer.submitOnWorker { worker in
                     try await self.forward(on: worker, head, body: body, forwarding: forwarding, to: writer)
                 }
-                return .forwarded
+                return forwarded(receipt)
             } catch let error as UpstreamError {
                 lastError = error
                 if writer.headWritten || error.kind == .clientAborted { return .abort }
@@ -176,6 +177,13 @@ public final class UpstreamPool: Sendable {
         }
     }
 
+    /// The outcome of a forward that reached the client, naming its worker and backend.
+    func forwarded(_ receipt: Receipt<ForwardResult>) -> Outcome {
+        let backend = backends[backendIndex(of: receipt.worker)].name
+        return .forwarded(
+            Served(worker: receipt.worker, backend: backend, queued: receipt.queued, ran: receipt.ran), receipt.value)
+    }
+
     /// Marks every worker of backend `index` down now, and up again after the fail timeout.
     private func ejectBackend(_ index: Int) async {
         let workers = workerIDs(of: index)
@@ -193,7 +201,9 @@ public final class UpstreamPool: Sendable {
     }
 
     /// Per-backend and per-worker figures for `/stats`, joined with the balancer's own.
-    public func statsJSON() async -> JSONValue {
+    ///
+    /// - Parameter latency: with metrics on, each worker and the pool get `latency_us`.
+    func statsJSON(latency: StatsRendering.Latency? = nil) async -> JSONValue {
         let snapshot = await balancer.stats()
         let (workers, retries, ejections) = state.withLock { ($0.workers, $0.retries, $0.ejections) }
         let byID = Dictionary(uniqueKeysWithValues: snapshot.workers.map { ($0.id, $0) })
@@ -229,6 +239,7 @@ public final class UpstreamPool: Sendable {
             if let estimate = core?.latencyEstimate {
                 fields.append(("latency_estimate_us", JSONValue(estimate.microseconds)))
             }
+            if let latency { fields.append(("latency_us", StatsRendering.latencyJSON(latency, worker: id))) }
             items.append(.object(JSONObject(fields)))
         }
         let backendItems: [JSONValue] = backends.enumerated().map { index, backend in
@@ -240,7 +251,7 @@ public final class UpstreamPool: Sendable {
                 ])
             )
         }
-        return .object(
+        let pool: JSONValue = .object(
             JSONObject([
                 ("strategy", .string(snapshot.strategy.rawValue)),
                 ("backends", .array(backendItems)),
@@ -261,6 +272,9 @@ public final class UpstreamPool: Sendable {
                 ("hedging", hedgeStats.withLock { $0.json }),
             ])
         )
+        guard let latency, case .object(var object) = pool else { return pool }
+        object.members.append((key: "latency_us", value: latency.pool.json))
+        return .object(object)
     }
 }
 

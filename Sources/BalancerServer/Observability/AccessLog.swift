@@ -1,0 +1,181 @@
+import NIOCore
+import NIOHTTP1
+import Synchronization
+
+#if canImport(Glibc)
+import Glibc
+private let systemWrite = Glibc.write
+#elseif canImport(Musl)
+import Musl
+private let systemWrite = Musl.write
+#elseif canImport(Darwin)
+import Darwin
+private let systemWrite = Darwin.write
+#endif
+
+/// Where access-log lines go: standard output by default (the service's own
+/// logs go to standard error); tests pass their own.
+public struct AccessLogSink: Sendable {
+    /// Takes one whole line, newline included.
+    public let write: @Sendable (ByteBuffer) -> Void
+
+    public init(_ write: @escaping @Sendable (ByteBuffer) -> Void) {
+        self.write = write
+    }
+
+    /// Writes each line to file descriptor 1 whole: one `write(2)` loop under a lock.
+    public static let standardOutput: AccessLogSink = {
+        let lock = Mutex(())
+        return AccessLogSink { line in
+            lock.withLock { _ in
+                line.withUnsafeReadableBytes { bytes in
+                    var offset = 0
+                    while offset < bytes.count {
+                        let written = systemWrite(1, bytes.baseAddress! + offset, bytes.count - offset)
+                        if written < 0 {
+                            if errno == EINTR { continue }
+                            return  // stdout is gone: drop the line, never fail the request
+                        }
+                        offset += written
+                    }
+                }
+            }
+        }
+    }()
+}
+
+/// What the server knows about one answered request, for the metrics and the access log.
+struct RequestRecord {
+    var method: HTTPMethod
+    var uri: String
+    var requestID: String
+    var status: HTTPResponseStatus
+    var pool: PoolName
+    /// The worker that ran it, when one did.
+    var served: Served?
+    /// From the whole request received to the answer ready.
+    var total: Duration
+    /// Request body bytes read.
+    var bytesIn: Int
+    /// Response body bytes written.
+    var bytesOut: Int
+
+    /// One JSON line:
+    /// `{"time":"2026-11-29T09:30:00.123Z","request_id":"...","method":"POST","path":"/jobs","status":200,"pool":"jobs","worker":3,"queue_us":12,"run_us":3,"total_us":40,"bytes_in":29,"bytes_out":70}`,
+    /// with `"backend"` after `worker` for a proxied request; `worker`,
+    /// `queue_us` and `run_us` are null when no worker ran the request.
+    func accessLogLine(at time: WallClockTime) -> ByteBuffer {
+        var out = ByteBuffer()
+        out.reserveCapacity(256 + uri.utf8.count)
+        out.writeStaticString("{\"time\":\"")
+        time.writeRFC3339(into: &out)
+        out.writeStaticString("\",\"request_id\":")
+        out.writeJSONString(requestID)
+        out.writeStaticString(",\"method\":")
+        out.writeJSONString(method.rawValue)
+        out.writeStaticString(",\"path\":")
+        out.writeJSONString(uri)
+        out.writeStaticString(",\"status\":")
+        out.writeString(String(status.code))
+        out.writeStaticString(",\"pool\":\"")
+        out.writeString(pool.rawValue)
+        out.writeStaticString("\",\"worker\":")
+        if let served {
+            out.writeString(String(served.worker))
+            if let backend = served.backend {
+                out.writeStaticString(",\"backend\":")
+                out.writeJSONString(backend)
+            }
+            out.writeStaticString(",\"queue_us\":")
+            out.writeString(String(served.queued.microseconds))
+            out.writeStaticString(",\"run_us\":")
+            out.writeString(String(served.ran.microseconds))
+        } else {
+            out.writeStaticString("null,\"queue_us\":null,\"run_us\":null")
+        }
+        out.writeStaticString(",\"total_us\":")
+        out.writeString(String(total.microseconds))
+        out.writeStaticString(",\"bytes_in\":")
+        out.writeString(String(bytesIn))
+        out.writeStaticString(",\"bytes_out\":")
+        out.writeString(String(bytesOut))
+        out.writeStaticString("}\n")
+        return out
+    }
+}
+
+/// Which worker served a request, and how long it waited and ran.
+public struct Served: Sendable, Hashable {
+    public var worker: Int
+    /// The backend's name, for the upstream pool.
+    public var backend: String?
+    public var queued: Duration
+    public var ran: Duration
+
+    public init(worker: Int, backend: String? = nil, queued: Duration, ran: Duration) {
+        self.worker = worker
+        self.backend = backend
+        self.queued = queued
+        self.ran = ran
+    }
+}
+
+/// The time of day in UTC, to the millisecond.
+struct WallClockTime {
+    var seconds: Int
+    var milliseconds: Int
+
+    static var now: WallClockTime {
+        var spec = timespec()
+        clock_gettime(CLOCK_REALTIME, &spec)
+        return WallClockTime(seconds: Int(spec.tv_sec), milliseconds: Int(spec.tv_nsec) / 1_000_000)
+    }
+
+    /// `2026-11-29T09:30:00.123Z`.
+    func writeRFC3339(into out: inout ByteBuffer) {
+        var time = time_t(seconds)
+        var parts = tm()
+        gmtime_r(&time, &parts)
+        func two(_ value: Int32) { out.writeInteger(UInt8(48 + value / 10)); out.writeInteger(UInt8(48 + value % 10)) }
+        out.writeString(String(parts.tm_year + 1900))
+        out.writeInteger(UInt8(ascii: "-"))
+        two(parts.tm_mon + 1)
+        out.writeInteger(UInt8(ascii: "-"))
+        two(parts.tm_mday)
+        out.writeInteger(UInt8(ascii: "T"))
+        two(parts.tm_hour)
+        out.writeInteger(UInt8(ascii: ":"))
+        two(parts.tm_min)
+        out.writeInteger(UInt8(ascii: ":"))
+        two(parts.tm_sec)
+        out.writeInteger(UInt8(ascii: "."))
+        out.writeInteger(UInt8(48 + milliseconds / 100))
+        two(Int32(milliseconds % 100))
+        out.writeStaticString("Z")
+    }
+}
+
+/// What the server records about each answered request: the metrics (when
+/// `metrics` is on) and the access log (when `access_log` is on).
+final class RequestObserver: Sendable {
+    let metrics: ServerMetrics?
+    let accessLog: AccessLogSink?
+
+    init(metrics: ServerMetrics?, accessLog: AccessLogSink?) {
+        self.metrics = metrics
+        self.accessLog = accessLog
+    }
+
+    /// Whether anything is recorded (else the server skips the clock reads).
+    var isActive: Bool { metrics != nil || accessLog != nil }
+
+    func observe(_ record: RequestRecord) {
+        if let metrics {
+            metrics.count(record.status, pool: record.pool)
+            if let served = record.served, let pool = metrics.pool(record.pool) {
+                pool.record(worker: served.worker, queued: served.queued, ran: served.ran, total: record.total)
+            }
+        }
+        accessLog?.write(record.accessLogLine(at: .now))
+    }
+}

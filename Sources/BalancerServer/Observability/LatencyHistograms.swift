@@ -1,0 +1,123 @@
+import Histogram
+import Synchronization
+
+/// Queue wait, run time and total time of requests, as HdrHistograms in microseconds.
+///
+/// Two significant digits (values are exact to within 1%) from 1 µs to an hour
+/// keep each histogram at about 25 KB; a longer value is counted as an hour.
+struct LatencyHistograms: Sendable {
+    static let highestMicroseconds: UInt64 = 3_600_000_000
+
+    var queue = Self.empty()
+    var run = Self.empty()
+    var total = Self.empty()
+
+    private static func empty() -> Histogram<UInt64> {
+        Histogram(lowestDiscernibleValue: 1, highestTrackableValue: highestMicroseconds, numberOfSignificantValueDigits: .two)
+    }
+
+    mutating func record(queued: Duration, ran: Duration, total: Duration) {
+        queue.record(Self.clamped(queued))
+        run.record(Self.clamped(ran))
+        self.total.record(Self.clamped(total))
+    }
+
+    /// Adds `other`'s counts to these.
+    mutating func add(_ other: LatencyHistograms) {
+        queue.add(other.queue)
+        run.add(other.run)
+        total.add(other.total)
+    }
+
+    private static func clamped(_ duration: Duration) -> UInt64 {
+        UInt64(min(max(duration.microseconds, 0), Int64(highestMicroseconds)))
+    }
+
+    /// `{"queue": {...}, "run": {...}, "total": {...}}`, each ``LatencySummary/json``.
+    var json: JSONValue {
+        .object(
+            JSONObject([
+                ("queue", LatencySummary(queue).json), ("run", LatencySummary(run).json),
+                ("total", LatencySummary(total).json),
+            ])
+        )
+    }
+}
+
+/// Count, p50, p90, p99 and max of one histogram, in whole microseconds.
+///
+/// The percentiles are HdrHistogram's (the highest value equivalent to the
+/// percentile's bucket), capped at the largest value recorded, so
+/// p50 <= p90 <= p99 <= max always holds.
+struct LatencySummary: Sendable, Equatable {
+    var count: UInt64
+    var p50: UInt64
+    var p90: UInt64
+    var p99: UInt64
+    var max: UInt64
+
+    init(_ histogram: Histogram<UInt64>) {
+        count = histogram.totalCount
+        max = count == 0 ? 0 : histogram.maxRecorded
+        let max = self.max
+        func at(_ percentile: Double) -> UInt64 { Swift.min(histogram.valueAtPercentile(percentile), max) }
+        p50 = at(50)
+        p90 = at(90)
+        p99 = at(99)
+    }
+
+    var json: JSONValue {
+        .object(
+            JSONObject([
+                ("count", JSONValue(Int(count))), ("p50", JSONValue(Int(p50))), ("p90", JSONValue(Int(p90))),
+                ("p99", JSONValue(Int(p99))), ("max", JSONValue(Int(max))),
+            ])
+        )
+    }
+}
+
+/// The latency histograms of one pool's workers, each behind its own lock, so
+/// recording costs one uncontended lock and no allocation.
+///
+/// Workers `0..<workers` get their slot up front; a worker added later (an id
+/// past those) is kept in a shared table.
+final class PoolLatency: Sendable {
+    private final class Slot: Sendable {
+        let histograms = Mutex(LatencyHistograms())
+    }
+
+    private let slots: [Slot]
+    private let added = Mutex<[Int: LatencyHistograms]>([:])
+
+    init(workers: Int) {
+        slots = (0..<workers).map { _ in Slot() }
+    }
+
+    func record(worker: Int, queued: Duration, ran: Duration, total: Duration) {
+        if worker >= 0 && worker < slots.count {
+            slots[worker].histograms.withLock { $0.record(queued: queued, ran: ran, total: total) }
+        } else {
+            added.withLock { $0[worker, default: LatencyHistograms()].record(queued: queued, ran: ran, total: total) }
+        }
+    }
+
+    /// Copies of every worker's histograms (by worker id) and their sum, the pool's.
+    ///
+    /// Each copy is summed into a fresh histogram under the worker's lock, so
+    /// the recording side never has to copy its arrays afterwards.
+    func snapshot() -> (workers: [Int: LatencyHistograms], pool: LatencyHistograms) {
+        var workers: [Int: LatencyHistograms] = [:]
+        var pool = LatencyHistograms()
+        for (id, slot) in slots.enumerated() {
+            var copy = LatencyHistograms()
+            slot.histograms.withLock { copy.add($0) }
+            pool.add(copy)
+            workers[id] = copy
+        }
+        for (id, histograms) in added.withLock({ $0 }) {
+            pool.add(histograms)
+            workers[id] = histograms
+        }
+        return (workers, pool)
+    }
+}

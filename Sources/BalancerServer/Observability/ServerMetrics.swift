@@ -1,0 +1,165 @@
+import BalancerCore
+import CoreMetrics
+import NIOCore
+import NIOHTTP1
+import Prometheus
+import Synchronization
+
+/// Which pool answered a request, the `pool` label of the metrics and the access log.
+enum PoolName: String, Sendable, CaseIterable {
+    /// `POST /jobs`: the jobs' balancer.
+    case jobs
+    /// A proxied request: the upstream pool.
+    case upstream
+    /// The server's own routes (`/stats`, `/metrics`, health, unknown paths).
+    case server
+
+    /// Its place in `allCases`.
+    var index: Int {
+        switch self {
+        case .jobs: 0
+        case .upstream: 1
+        case .server: 2
+        }
+    }
+}
+
+/// The metrics of one server: its own Prometheus registry (tests run many
+/// servers in one process, so nothing goes through the global
+/// `MetricsSystem`), per-pool latency histograms for `/stats`, and `/metrics`.
+///
+/// Per request, only what cannot be read later is updated: the HdrHistograms
+/// of the worker, the pool's Prometheus histograms and a status-class counter,
+/// all resolved up front. Pending, backlog depth and the balancer's own
+/// counters are read from its stats snapshot when `/metrics` is scraped.
+final class ServerMetrics: Sendable {
+    /// The Prometheus text format's media type.
+    static let contentType = "text/plain; version=0.0.4; charset=utf-8"
+
+    /// Histogram buckets for queue wait, run time and total, from 50 µs to 10 s.
+    static let buckets: [Duration] = [
+        .microseconds(50), .microseconds(100), .microseconds(250), .microseconds(500), .milliseconds(1),
+        .microseconds(2_500), .milliseconds(5), .milliseconds(10), .milliseconds(25), .milliseconds(50),
+        .milliseconds(100), .milliseconds(250), .milliseconds(500), .seconds(1), .milliseconds(2_500), .seconds(5),
+        .seconds(10),
+    ]
+
+    let registry = PrometheusCollectorRegistry()
+    private let factory: PrometheusMetricsFactory
+    let jobs: PoolMetrics
+    let upstream: PoolMetrics?
+    /// Answers by pool (in `PoolName.allCases` order), then by status class:
+    /// index 0 is 2xx, ..., 3 is 5xx (1xx is never final). Empty for a pool
+    /// the server does not have.
+    private let answers: [[CoreMetrics.Counter]]
+    /// The balancer counters last exported, per pool: `/metrics` adds what they grew since.
+    private let exported = Mutex<[PoolName: ExportedCounts]>([:])
+
+    private struct ExportedCounts {
+        var overloaded = 0
+        var queueTimeouts = 0
+    }
+
+    /// - Parameters:
+    ///   - workers: workers of the jobs' pool.
+    ///   - upstreamWorkers: workers of the upstream pool, if there is one.
+    init(workers: Int, upstreamWorkers: Int?) {
+        var factory = PrometheusMetricsFactory(registry: registry)
+        factory.defaultDurationHistogramBuckets = Self.buckets
+        self.factory = factory
+        jobs = PoolMetrics(.jobs, workers: workers, factory: factory)
+        upstream = upstreamWorkers.map { PoolMetrics(.upstream, workers: $0, factory: factory) }
+        answers = PoolName.allCases.map { pool in
+            guard pool != .upstream || upstreamWorkers != nil else { return [] }
+            return (2...5).map { statusClass in
+                CoreMetrics.Counter(
+                    label: "balancer_requests_total", dimensions: [("pool", pool.rawValue), ("class", "\(statusClass)xx")],
+                    factory: factory)
+            }
+        }
+    }
+
+    /// The timed pool `name`, if the server has it.
+    func pool(_ name: PoolName) -> PoolMetrics? {
+        switch name {
+        case .jobs: jobs
+        case .upstream: upstream
+        case .server: nil
+        }
+    }
+
+    /// One answer of pool `pool`, by its status class.
+    func count(_ status: HTTPResponseStatus, pool: PoolName) {
+        let counters = answers[pool.index]
+        guard !counters.isEmpty else { return }
+        counters[min(max(Int(status.code) / 100 - 2, 0), 3)].increment()
+    }
+
+    /// The Prometheus text for `/metrics`: first the figures read from the
+    /// pools' snapshots (`backendOf` names the backend of an upstream worker).
+    func render(jobs jobsStats: BalancerStats, upstream upstreamStats: BalancerStats?, backendOf: (Int) -> String?) -> ByteBuffer {
+        export(jobsStats, pool: .jobs, backendOf: { _ in nil })
+        if let upstreamStats { export(upstreamStats, pool: .upstream, backendOf: backendOf) }
+        var bytes: [UInt8] = []
+        registry.emit(into: &bytes)
+        return ByteBuffer(bytes: bytes)
+    }
+
+    private func export(_ stats: BalancerStats, pool: PoolName, backendOf: (Int) -> String?) {
+        let label = ("pool", pool.rawValue)
+        for worker in stats.workers {
+            var dimensions = [label, ("worker", String(worker.id))]
+            if let backend = backendOf(worker.id) { dimensions.append(("backend", backend)) }
+            Gauge(label: "balancer_worker_pending", dimensions: dimensions, factory: factory).record(worker.pending)
+        }
+        Gauge(label: "balancer_backlog_depth", dimensions: [label], factory: factory).record(stats.backlogDepth)
+        Gauge(label: "balancer_in_flight", dimensions: [label], factory: factory).record(stats.inFlight)
+        let overloaded = CoreMetrics.Counter(label: "balancer_overloaded_total", dimensions: [label], factory: factory)
+        let timeouts = CoreMetrics.Counter(label: "balancer_queue_timeouts_total", dimensions: [label], factory: factory)
+        // Under the lock, so two scrapes at once add each increase once.
+        exported.withLock { exported in
+            var counts = exported[pool] ?? ExportedCounts()
+            overloaded.increment(by: max(stats.overloaded - counts.overloaded, 0))
+            timeouts.increment(by: max(stats.queueTimeouts - counts.queueTimeouts, 0))
+            counts.overloaded = max(stats.overloaded, counts.overloaded)
+            counts.queueTimeouts = max(stats.queueTimeouts, counts.queueTimeouts)
+            exported[pool] = counts
+        }
+    }
+}
+
+/// The per-request timings of one pool, resolved once.
+final class PoolMetrics: Sendable {
+    let name: PoolName
+    /// Per-worker HdrHistograms, for `/stats`.
+    let latency: PoolLatency
+    private let queueWait: CoreMetrics.Timer
+    private let runTime: CoreMetrics.Timer
+    private let totalTime: CoreMetrics.Timer
+
+    init(_ name: PoolName, workers: Int, factory: PrometheusMetricsFactory) {
+        self.name = name
+        latency = PoolLatency(workers: workers)
+        let label = [("pool", name.rawValue)]
+        queueWait = CoreMetrics.Timer(label: "balancer_queue_wait_seconds", dimensions: label, factory: factory)
+        runTime = CoreMetrics.Timer(label: "balancer_run_seconds", dimensions: label, factory: factory)
+        totalTime = CoreMetrics.Timer(label: "balancer_request_duration_seconds", dimensions: label, factory: factory)
+    }
+
+    /// One request a worker served.
+    func record(worker: Int, queued: Duration, ran: Duration, total: Duration) {
+        latency.record(worker: worker, queued: queued, ran: ran, total: total)
+        queueWait.recordNanoseconds(queued.nanoseconds)
+        runTime.recordNanoseconds(ran.nanoseconds)
+        totalTime.recordNanoseconds(total.nanoseconds)
+    }
+}
+
+extension Duration {
+    /// Whole nanoseconds (saturating past about 292 years).
+    var nanoseconds: Int64 {
+        let (seconds, attoseconds) = components
+        let (whole, overflow) = seconds.multipliedReportingOverflow(by: 1_000_000_000)
+        return overflow ? (seconds < 0 ? .min : .max) : whole &+ attoseconds / 1_000_000_000
+    }
+}
