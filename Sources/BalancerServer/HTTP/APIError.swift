@@ -83,7 +83,7 @@ public struct APIError: Error, Sendable, Equatable {
     // MARK: - The table's fixed answers
 
     static func notFound(_ path: Substring) -> APIError {
-        APIError(status: .notFound, code: "not_found", message: "no route for \(path); try POST /jobs, GET /stats, /metrics, /healthz or /readyz")
+        APIError(status: .notFound, code: "not_found", message: "no route for \(path); try POST /jobs, GET /stats, /dashboard, /metrics, /healthz or /readyz")
     }
 
     static func methodNotAllowed(_ method: HTTPMethod, _ path: Substring, allow: String) -> APIError {

@@ -6,7 +6,7 @@ import Synchronization
 extension HTTPServer {
     /// The paths the server answers itself; with an upstream pool, every other
     /// path goes to the backends.
-    static let ownPaths: Set<Substring> = ["/jobs", "/stats", "/healthz", "/readyz", "/metrics"]
+    static let ownPaths: Set<Substring> = ["/jobs", "/stats", "/dashboard", "/healthz", "/readyz", "/metrics"]
 
     /// Whether a request for `uri` goes to the upstream pool.
     func isProxied(_ uri: String) -> Bool {

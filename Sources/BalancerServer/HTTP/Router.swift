@@ -26,7 +26,7 @@ struct Response: Sendable {
     }
 }
 
-/// The routes: `POST /jobs`, `GET /stats`, `GET /metrics`, `GET /healthz`, `GET /readyz`.
+/// The routes: `POST /jobs`, `GET /stats`, `GET /dashboard`, `GET /metrics`, `GET /healthz`, `GET /readyz`.
 ///
 /// Every failure becomes an ``APIError`` (mapped to its status in one place);
 /// nothing here throws to the connection.
@@ -67,6 +67,9 @@ struct Router: Sendable {
         case "/healthz":
             guard head.method == .GET else { return Response(.methodNotAllowed(head.method, path, allow: "GET"), allocator: allocator) }
             return Response(body: ByteBuffer(string: "{\"status\":\"ok\"}\n"))
+        case "/dashboard":
+            guard head.method == .GET else { return Response(.methodNotAllowed(head.method, path, allow: "GET"), allocator: allocator) }
+            return Response(body: Dashboard.body, contentType: "text/html; charset=utf-8")
         case "/readyz":
             guard head.method == .GET else { return Response(.methodNotAllowed(head.method, path, allow: "GET"), allocator: allocator) }
             if state.isDraining {
