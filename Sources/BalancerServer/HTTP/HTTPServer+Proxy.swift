@@ -30,7 +30,7 @@ extension HTTPServer {
         let acceptsTrailers = head.headers[canonicalForm: "te"].contains { $0.lowercased() == "trailers" }
         let started = observer.isActive ? ContinuousClock.now : nil
         let writer = ClientResponseWriter(
-            outbound: outbound, version: head.version, keepAlive: keepAlive, acceptsTrailers: acceptsTrailers,
+            channel: connection.channel, version: head.version, keepAlive: keepAlive, acceptsTrailers: acceptsTrailers,
             requestID: requestID)
         let forwarding = ForwardedFor(
             client: connection.channel.remoteAddress,
@@ -109,17 +109,31 @@ extension HTTPServer {
     }
 }
 
-/// The client's side of a proxied exchange, over the connection's outbound writer.
+/// The client's side of a proxied exchange, written straight to the client's channel.
 ///
 /// Adds `Connection: close` to the head when the connection will not be kept
 /// (the client asked, or the server is draining); NIO's encoder frames a body
 /// with no `Content-Length` as chunked. A backend's trailers are passed on only
 /// to a client that sent `TE: trailers` (some clients, URLSession on Linux
-/// among them, fail on trailers they did not ask for). Each write returns when
-/// NIO took it (the writer's own backpressure), so a slow client slows the
-/// backend's reads.
+/// among them, fail on trailers they did not ask for).
+///
+/// The parts are held back and go out together: a response of up to
+/// ``flushThreshold`` bytes is one write and one flush at its end (one hop to
+/// the client's event loop and one system call, where writing each part costs
+/// one of each). Once more is held, it is written and flushed, and the call
+/// returns only when the client's socket took it, so a slow client slows the
+/// backend's reads and a connection holds at most about ``flushThreshold``
+/// bytes of a large response (the upload side waits the same way).
+///
+/// Writing to the channel beside the connection's `NIOAsyncChannelOutboundWriter`
+/// keeps the order: both go through the channel's event loop in the order they
+/// are issued, and the connection task writes nothing while a proxied exchange
+/// runs.
 final class ClientResponseWriter: ClientResponseWriting {
-    let outbound: NIOAsyncChannelOutboundWriter<HTTPServerResponsePart>
+    /// Bytes of body held before they are written and awaited.
+    static let flushThreshold = 64 * 1024
+
+    let channel: any Channel
     let version: HTTPVersion
     let keepAlive: Bool
     let acceptsTrailers: Bool
@@ -127,15 +141,12 @@ final class ClientResponseWriter: ClientResponseWriting {
     let requestID: String
     /// The status code of the head written; 0 before.
     private let wroteStatus = Atomic<Int>(0)
+    /// Parts not yet written, and their body bytes. Only the forwarding task
+    /// writes; the lock makes the class Sendable at no cost (never contended).
+    private let held = Mutex<(parts: [HTTPServerResponsePart], bytes: Int)>(([], 0))
 
-    init(
-        outbound: NIOAsyncChannelOutboundWriter<HTTPServerResponsePart>,
-        version: HTTPVersion,
-        keepAlive: Bool,
-        acceptsTrailers: Bool,
-        requestID: String
-    ) {
-        self.outbound = outbound
+    init(channel: any Channel, version: HTTPVersion, keepAlive: Bool, acceptsTrailers: Bool, requestID: String) {
+        self.channel = channel
         self.version = version
         self.keepAlive = keepAlive
         self.acceptsTrailers = acceptsTrailers
@@ -160,14 +171,54 @@ final class ClientResponseWriter: ClientResponseWriting {
         }
         head.headers.replaceOrAdd(name: RequestID.headerName, value: requestID)
         wroteStatus.store(Int(head.status.code), ordering: .releasing)
-        try await outbound.write(.head(head))
+        held.withLock { held in
+            held.parts.reserveCapacity(3)
+            held.parts.append(.head(head))
+        }
     }
 
     func writeBody(_ buffer: ByteBuffer) async throws {
-        try await outbound.write(.body(.byteBuffer(buffer)))
+        let full: [HTTPServerResponsePart]? = held.withLock { held in
+            held.parts.append(.body(.byteBuffer(buffer)))
+            held.bytes += buffer.readableBytes
+            guard held.bytes >= Self.flushThreshold else { return nil }
+            defer { held = ([], 0) }
+            return held.parts
+        }
+        if let full {
+            let written = channel.eventLoop.makePromise(of: Void.self)
+            send(full, promise: written)
+            try await written.futureResult.get()
+        }
     }
 
+    /// Writes what is held and the end. On a kept connection it returns without
+    /// waiting for the socket (nothing more comes from the backend for this
+    /// response); before a close it waits, so the close cannot cut the response.
     func end(trailers: HTTPHeaders?) async throws {
-        try await outbound.write(.end(acceptsTrailers ? trailers : nil))
+        var parts = held.withLock { held in
+            defer { held = ([], 0) }
+            return held.parts
+        }
+        parts.append(.end(acceptsTrailers ? trailers : nil))
+        guard !keepAlive else { return send(parts, promise: nil) }
+        let written = channel.eventLoop.makePromise(of: Void.self)
+        send(parts, promise: written)
+        try await written.futureResult.get()
+    }
+
+    /// Writes `parts` and flushes once, on the channel's event loop.
+    private func send(_ parts: [HTTPServerResponsePart], promise: EventLoopPromise<Void>?) {
+        let channel = self.channel
+        if channel.eventLoop.inEventLoop {
+            Self.write(parts, to: channel, promise: promise)
+        } else {
+            channel.eventLoop.execute { Self.write(parts, to: channel, promise: promise) }
+        }
+    }
+
+    private static func write(_ parts: [HTTPServerResponsePart], to channel: any Channel, promise: EventLoopPromise<Void>?) {
+        for part in parts.dropLast() { channel.write(part, promise: nil) }
+        channel.writeAndFlush(parts[parts.count - 1], promise: promise)
     }
 }
