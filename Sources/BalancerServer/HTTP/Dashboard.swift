@@ -141,7 +141,7 @@ enum Dashboard {
 
         // The time axis grows with the data, from 30 s up to HISTORY_MS.
         function chart(svg, points, color, format, empty) {
-          const width = svg.clientWidth || 400, height = svg.clientHeight || 120, left = 46, bottom = 14;
+          const width = svg.clientWidth || 400, height = svg.clientHeight || 120, left = 62, bottom = 14;
           const now = Date.now();
           const span = points.length ? Math.min(HISTORY_MS, Math.max(30000, now - points[0].t)) : HISTORY_MS;
           const max = Math.max(1, ...points.map((p) => p.v)) * 1.1;
