@@ -79,6 +79,13 @@ public actor Balancer {
     private var shutDownCount = 0
     private var unavailableCount = 0
     private var busyCount = 0
+    private var replicasOutOfRangeCount = 0
+    private var replicatedCount = 0
+    private var replicaWinCount = 0
+    private var cancelledCopyCount = 0
+    /// Live copies of replicated requests beyond one per open request (see
+    /// ``ReplicaGroup/surplus``): pending or in the backlog, not in flight.
+    private var replicaSurplus = 0
 
     /// Creates a balancer with `configuration.workers` workers; they start with ``run()``.
     ///
@@ -145,11 +152,46 @@ public actor Balancer {
         try await send(Request(.onWorker(operation), timed: true, eligible: eligible))
     }
 
+    /// Runs `operation` on `replicas` distinct workers at once, the talk's
+    /// replicated query: the first copy to return a value answers, and the
+    /// receipt names its worker; the other copies are cancelled (a queued copy
+    /// is taken back without running, a running one sees cancellation).
+    ///
+    /// The first copy goes where the strategy sends a plain request; the others
+    /// to the least-loaded other workers that have room (`pending < capacity`).
+    /// Copies never wait for room: with fewer than `replicas` workers free,
+    /// fewer copies run (``Receipt/copies`` says how many), so replication adds
+    /// no queueing under load. With none free the request waits in the backlog
+    /// as one entry and is copied when it leaves it.
+    ///
+    /// If every copy fails, throws the last operation error (or, if no copy's
+    /// operation threw, the balancer's reason, such as `queueTimeout`).
+    /// Throws ``BalancerError/replicasOutOfRange(requested:activeWorkers:)``
+    /// at once unless `1 <= replicas <=` the active workers, and otherwise the
+    /// errors of ``submit(_:)``. Cancelling the calling task takes back or
+    /// cancels every copy. Each copy counts in its worker's `pending` until it
+    /// ends or is taken back; ``stats()`` counts the request once.
+    public nonisolated func submitReplicated<Output: Sendable>(
+        replicas: Int,
+        _ operation: @escaping @Sendable (_ worker: Int) async throws -> Output
+    ) async throws -> Receipt<Output> {
+        let request = ReplicatedRequest(replicas: replicas, operation)
+        return try await publish(ReplicaCopy(of: request)) { request.reply = $0 }
+    }
+
     private nonisolated func send<Output: Sendable>(_ request: Request<Output>) async throws -> Receipt<Output> {
+        try await publish(request) { request.reply = $0 }
+    }
+
+    /// Submits `request` on `work` after handing its reply continuation to `setReply`.
+    private nonisolated func publish<Output: Sendable>(
+        _ request: AnyRequest,
+        _ setReply: (UnsafeContinuation<Receipt<Output>, any Error>) -> Void
+    ) async throws -> Receipt<Output> {
         let inbox = self.inbox
         return try await withTaskCancellationHandler {
             try await withUnsafeThrowingContinuation { continuation in
-                request.reply = continuation
+                setReply(continuation)
                 if !inbox.submit(request) {
                     request.fail(.shuttingDown)
                 }
@@ -239,15 +281,56 @@ public actor Balancer {
             } else {
                 finish(request, with: .busy)
             }
+        } else if let group = request.group, !(1...activeIDs.count).contains(group.requested) {
+            finish(request, with: .replicasOutOfRange(requested: group.requested, activeWorkers: activeIDs.count))
         } else if backlog.isEmpty, let position = choose() {
-            dispatch(request, toWorkerAt: position)
+            countReplicated(request)
+            place(request, toWorkerAt: position)
         } else if backlog.count < configuration.backlog {
+            countReplicated(request)
             request.phase = .backlog
             request.deadline = ContinuousClock.now + configuration.queueTimeout
             backlog.append(request)
             armExpiryTimer()
         } else {
             finish(request, with: .overloaded)
+        }
+    }
+
+    private func countReplicated(_ request: AnyRequest) {
+        if let group = request.group, group.requested > 1 { replicatedCount += 1 }
+    }
+
+    /// Sends `request` to the worker at heap `position`: a replicated request
+    /// not yet copied goes out as its copies, anything else as itself.
+    private func place(_ request: AnyRequest, toWorkerAt position: Int) {
+        if let group = request.group, group.dispatched == 0 {
+            dispatchCopies(of: group, first: request, toWorkerAt: position)
+        } else {
+            dispatch(request, toWorkerAt: position)
+        }
+    }
+
+    /// Sends a replicated request's copies: `first` to the worker at heap
+    /// `position` (the strategy's choice), the others to the least-loaded other
+    /// workers with room, as many as have room up to `requested`.
+    private func dispatchCopies(of group: ReplicaGroup, first: AnyRequest, toWorkerAt position: Int) {
+        let chosen = pool.id(at: position)
+        var targets = [chosen]
+        var taken: [Int] = []
+        while targets.count < group.requested, let id = pool.pop() {
+            taken.append(id)
+            guard pool.pending(of: id) < capacity else { break }
+            if id != chosen { targets.append(id) }
+        }
+        for id in taken { pool.push(id) }
+        // Every copy is made (and counted open) before any is sent, so none
+        // can end as the last while others are still to come.
+        group.copies = [first] + (1..<targets.count).map { _ in group.makeCopy() }
+        group.dispatched = targets.count
+        update(group) { $0.live = targets.count }
+        for (copy, id) in zip(group.copies, targets) {
+            dispatch(copy, toWorkerAt: pool[id].unsafelyUnwrapped.index.unsafelyUnwrapped)
         }
     }
 
@@ -272,20 +355,104 @@ public actor Balancer {
     /// pending and put it back in its place.
     private func completed(_ done: Inbox.Done) {
         let id = done.worker.id
-        switch done.outcome {
-        case .value:
-            slots[id]?.completed += 1
-            completedCount += 1
-        case .error:
-            slots[id]?.failed += 1
-            failedCount += 1
-        case .dropped:
-            answeredWhileRunning -= 1
+        if let group = done.request.group {
+            copyCompleted(done, of: group)
+        } else {
+            switch done.outcome {
+            case .value:
+                slots[id]?.completed += 1
+                completedCount += 1
+            case .error:
+                slots[id]?.failed += 1
+                failedCount += 1
+            case .dropped:
+                answeredWhileRunning -= 1
+            }
         }
         if let ran = done.ran {
             recordLatency(ran, of: id)
         }
         releasePending(of: id)
+    }
+
+    /// A copy of a replicated request ran: a value that answered is a win and
+    /// ends the other copies; an error that answered means every copy failed.
+    private func copyCompleted(_ done: Inbox.Done, of group: ReplicaGroup) {
+        let id = done.worker.id
+        done.request.phase = .finished
+        update(group) { group in
+            group.live -= 1
+            if done.outcome != .dropped { group.counted = true }
+        }
+        switch done.outcome {
+        case .value:
+            slots[id]?.completed += 1
+            completedCount += 1
+            if group.requested > 1 { replicaWinCount += 1 }
+            endCopies(of: group)
+        case .error:
+            slots[id]?.failed += 1
+            failedCount += 1
+        case .dropped:
+            break
+        }
+    }
+
+    /// The request was answered: takes back every copy still queued (it never
+    /// runs) and cancels every copy still running (it sees cancellation).
+    private func endCopies(of group: ReplicaGroup) {
+        for copy in group.copies {
+            switch copy.phase {
+            case .backlog:
+                if let i = backlog.firstIndex(where: { $0 === copy }) {
+                    backlog.remove(at: i)
+                }
+                finishCopy(copy, of: group, with: BalancerError.cancelled)
+                cancelledCopyCount += 1
+            case .dispatched(let worker):
+                switch worker.withdraw(copy) {
+                case .withdrawn:
+                    finishCopy(copy, of: group, with: BalancerError.cancelled)
+                    releasePending(of: worker.id)
+                    cancelledCopyCount += 1
+                case .running:
+                    // `cancelRequested` marks a copy already cancelled: it ends when its worker reports.
+                    guard !copy.cancelRequested else { break }
+                    copy.cancelRequested = true
+                    worker.cancel(ifRunning: copy)
+                    cancelledCopyCount += 1
+                case .gone:
+                    break
+                }
+            case .new, .finished:
+                break
+            }
+        }
+    }
+
+    /// A copy ended without running to its end (refused, timed out, taken
+    /// back); counts the request's ending if that was its last copy.
+    private func finishCopy(_ copy: AnyRequest, of group: ReplicaGroup, with error: any Error) {
+        copy.phase = .finished
+        let ending = group.copyEnded(with: error)
+        update(group) { group in
+            group.live -= 1
+            if ending != nil { group.counted = true }
+        }
+        switch ending {
+        case .operationError: failedCount += 1
+        case .balancer(let error): count(error)
+        case nil: break
+        }
+    }
+
+    /// Applies `change` to a replicated request's bookkeeping, keeping
+    /// `replicaSurplus` its sum; lets go of the copies once all have ended.
+    private func update(_ group: ReplicaGroup, _ change: (ReplicaGroup) -> Void) {
+        replicaSurplus -= group.surplus
+        change(group)
+        replicaSurplus += group.surplus
+        if group.live == 0 && group.counted { group.copies.removeAll() }
     }
 
     /// `pending -= 1` for worker `id`, keeping heap order; a draining or removed
@@ -397,12 +564,16 @@ public actor Balancer {
     /// Moves backlog requests, oldest first, to workers with room.
     private func drainBacklog() {
         while !backlog.isEmpty, let position = choose() {
-            dispatch(backlog.removeFirst(), toWorkerAt: position)
+            place(backlog.removeFirst(), toWorkerAt: position)
         }
     }
 
     /// Ends a request that never reached a worker (or was taken back from one).
     private func finish(_ request: AnyRequest, with error: BalancerError) {
+        if let group = request.group {
+            finishCopy(request, of: group, with: error)
+            return
+        }
         request.phase = .finished
         guard request.fail(error) else { return }
         count(error)
@@ -416,6 +587,7 @@ public actor Balancer {
         case .shuttingDown: shutDownCount += 1
         case .unavailable: unavailableCount += 1
         case .busy: busyCount += 1
+        case .replicasOutOfRange: replicasOutOfRangeCount += 1
         }
     }
 
@@ -424,6 +596,14 @@ public actor Balancer {
     /// The requester was cancelled: take the request out wherever it is, or
     /// cancel its running operation and answer the requester now.
     private func cancel(_ request: AnyRequest) {
+        if let group = request.group, group.dispatched > 0 {
+            if group.answer(.cancelled) {
+                count(.cancelled)
+                update(group) { $0.counted = true }
+            }
+            endCopies(of: group)
+            return
+        }
         switch request.phase {
         case .new:
             request.cancelRequested = true
@@ -453,6 +633,12 @@ public actor Balancer {
     /// Answers a request whose operation is still running; its worker reports
     /// `.dropped` on `done` later.
     private func answerRunning(_ request: AnyRequest, with error: BalancerError) {
+        if let group = request.group {
+            guard group.answer(error) else { return }
+            count(error)
+            update(group) { $0.counted = true }
+            return
+        }
         guard request.fail(error) else { return }
         count(error)
         answeredWhileRunning += 1
@@ -609,6 +795,9 @@ public actor Balancer {
     /// puts them, in order, at the front of the backlog with a fresh deadline:
     /// they were admitted before anything waiting there. The backlog may pass
     /// its limit for them; none is lost.
+    ///
+    /// A copy of a replicated request is dropped instead while another copy is
+    /// open: it would only add load.
     private func requeueQueued(of worker: Worker) {
         let queued = worker.withdrawAll()
         guard !queued.isEmpty else { return }
@@ -616,6 +805,12 @@ public actor Balancer {
         pendingTotal -= queued.count
         let deadline = ContinuousClock.now + configuration.queueTimeout
         for request in queued.reversed() {
+            if let group = request.group, group.endIfRedundant() {
+                request.phase = .finished
+                update(group) { $0.live -= 1 }
+                cancelledCopyCount += 1
+                continue
+            }
             request.phase = .backlog
             request.deadline = deadline
             backlog.prepend(request)
@@ -682,7 +877,11 @@ public actor Balancer {
             shutDown: shutDownCount + refused,
             unavailable: unavailableCount,
             busy: busyCount,
-            inFlight: backlog.count + pendingTotal - answeredWhileRunning,
+            replicasOutOfRange: replicasOutOfRangeCount,
+            inFlight: backlog.count + pendingTotal - answeredWhileRunning - replicaSurplus,
+            replicated: replicatedCount,
+            replicaWins: replicaWinCount,
+            cancelledCopies: cancelledCopyCount,
             shuttingDown: stage != .running
         )
     }

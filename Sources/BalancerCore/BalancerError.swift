@@ -21,6 +21,9 @@ public enum BalancerError: Error, Sendable, Hashable, CustomStringConvertible {
     /// (``Balancer/submitOnWorker(ifRoomAmong:_:)``), and none of them had
     /// room: it never ran.
     case busy
+    /// A replicated request asked for more copies than there are active
+    /// workers, or for fewer than one: refused at once, never ran.
+    case replicasOutOfRange(requested: Int, activeWorkers: Int)
 
     /// A stable machine-readable code (`overloaded`, `queue_timeout`, ...).
     public var code: String {
@@ -31,6 +34,7 @@ public enum BalancerError: Error, Sendable, Hashable, CustomStringConvertible {
         case .shuttingDown: "shutting_down"
         case .unavailable: "unavailable"
         case .busy: "busy"
+        case .replicasOutOfRange: "replicas_out_of_range"
         }
     }
 
@@ -48,6 +52,8 @@ public enum BalancerError: Error, Sendable, Hashable, CustomStringConvertible {
             "no worker is available: every worker is down, draining or removed"
         case .busy:
             "no eligible worker had room at once"
+        case .replicasOutOfRange(let requested, let activeWorkers):
+            "replicas must be from 1 to the number of active workers (\(activeWorkers)); got \(requested)"
         }
     }
 }

@@ -4,7 +4,8 @@
 ///
 /// Totals count how each request ended, as its requester saw it:
 /// `submitted == completed + failed + cancelled + overloaded + queueTimeouts +
-/// shutDown + unavailable + busy + inFlight` at any snapshot.
+/// shutDown + unavailable + busy + replicasOutOfRange + inFlight` at any snapshot. A
+/// replicated request counts once there, however many copies it ran.
 public struct BalancerStats: Sendable, Equatable {
     /// A worker's state.
     public enum WorkerState: String, Sendable {
@@ -66,8 +67,20 @@ public struct BalancerStats: Sendable, Equatable {
     public var unavailable: Int = 0
     /// Ended with ``BalancerError/busy``.
     public var busy: Int = 0
+    /// Ended with ``BalancerError/replicasOutOfRange(requested:activeWorkers:)``.
+    public var replicasOutOfRange: Int = 0
     /// Admitted and not yet answered: in the backlog or pending on a worker.
     public var inFlight: Int
+
+    /// Replicated requests (asking for 2 or more copies) admitted.
+    public var replicated: Int = 0
+    /// Replicated requests answered by a copy's value: the winner's.
+    public var replicaWins: Int = 0
+    /// Copies of replicated requests taken back from a queue without running,
+    /// or cancelled while running, because the request was already answered
+    /// (by another copy, or the requester's cancellation) or another copy was
+    /// enough (its worker left).
+    public var cancelledCopies: Int = 0
 
     /// Whether the balancer has begun shutting down.
     public var shuttingDown: Bool

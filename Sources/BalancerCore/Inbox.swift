@@ -30,6 +30,7 @@ final class Inbox: Sendable {
     /// A worker's report on `done`.
     struct Done {
         let worker: Worker
+        let request: AnyRequest
         let outcome: Outcome
         /// How long the operation ran, when the strategy needs latency.
         let ran: Duration?
@@ -78,8 +79,8 @@ final class Inbox: Sendable {
     }
 
     /// A worker reports on `done`.
-    func done(_ worker: Worker, _ outcome: Outcome, ran: Duration?) {
-        post { $0.done.append(Done(worker: worker, outcome: outcome, ran: ran)) }
+    func done(_ worker: Worker, _ request: AnyRequest, _ outcome: Outcome, ran: Duration?) {
+        post { $0.done.append(Done(worker: worker, request: request, outcome: outcome, ran: ran)) }
     }
 
     /// A requester was cancelled.

@@ -11,6 +11,9 @@ public struct Receipt<Output: Sendable>: Sendable {
     public var queued: Duration
     /// How long the operation ran.
     public var ran: Duration
+    /// Copies of the request sent to distinct workers: 1 for ``Balancer/submit(_:)``
+    /// and its kin, up to `replicas` for ``Balancer/submitReplicated(replicas:_:)``.
+    public var copies = 1
 }
 
 /// How a request's run ended, as the worker reports it on `done`.
@@ -54,11 +57,14 @@ class AnyRequest: @unchecked Sendable {
     /// For a request that may run only now and only on certain workers: which
     /// ones (called by the balancer while it chooses). `nil` for the rest.
     final let eligible: (@Sendable (Int) -> Bool)?
+    /// The replicated request this is a copy of; `nil` for a plain request.
+    final let group: ReplicaGroup?
     private final let answered = Atomic<Bool>(false)
 
-    init(timed: Bool, eligible: (@Sendable (Int) -> Bool)? = nil) {
+    init(timed: Bool, eligible: (@Sendable (Int) -> Bool)? = nil, group: ReplicaGroup? = nil) {
         submittedAt = timed ? ContinuousClock.now : nil
         self.eligible = eligible
+        self.group = group
     }
 
     /// Claims the one-shot reply; true exactly once.

@@ -138,9 +138,9 @@ final class Worker: Sendable {
             if measuring {
                 let start = ContinuousClock.now
                 let outcome = await request.run(on: id)
-                inbox.done(self, outcome, ran: ContinuousClock.now - start)
+                inbox.done(self, request, outcome, ran: ContinuousClock.now - start)
             } else {
-                inbox.done(self, await request.run(on: id), ran: nil)
+                inbox.done(self, request, await request.run(on: id), ran: nil)
             }
             next = await take()
         }

@@ -94,7 +94,7 @@ func withRunning<T: Sendable>(
 func checkAccounting(_ stats: BalancerStats, sourceLocation: SourceLocation = #_sourceLocation) {
     let ended =
         stats.completed + stats.failed + stats.cancelled + stats.overloaded + stats.queueTimeouts + stats.shutDown
-        + stats.unavailable + stats.busy
+        + stats.unavailable + stats.busy + stats.replicasOutOfRange
     #expect(stats.submitted == ended + stats.inFlight, "\(stats)", sourceLocation: sourceLocation)
     #expect(stats.workers.allSatisfy { $0.pending >= 0 && $0.pending <= stats.capacity }, sourceLocation: sourceLocation)
 }

@@ -45,6 +45,14 @@ public struct APIError: Error, Sendable, Equatable {
                     message: error.description,
                     headers: [("retry-after", String(APIError.retryAfterSeconds))]
                 )
+            case .replicasOutOfRange(let requested, let activeWorkers):
+                // The range depends on the workers active when the job arrives,
+                // so the balancer checks it; to the client it is a bad field.
+                self.init(
+                    status: .badRequest,
+                    code: "bad_field",
+                    message: "field \"replicas\" must be from 1 to \(activeWorkers) (the active workers); got \(requested)"
+                )
             case .cancelled:
                 // Only when the client has gone: nobody reads this answer.
                 self.init(status: .custom(code: 499, reasonPhrase: "Client Closed Request"), code: error.code, message: error.description)
