@@ -86,12 +86,11 @@ struct Router: Sendable {
     private func job(body: ByteBuffer?) async -> Response {
         do {
             let decoded = try registry.decode(try JSONParser.parse(body ?? ByteBuffer()), limits: limits)
-            let job = decoded.job
             let receipt: Receipt<JSONValue>
             if let timeout = decoded.timeout {
-                receipt = try await submit(job, timeout: timeout)
+                receipt = try await submit(decoded, timeout: timeout)
             } else {
-                receipt = try await balancer.submitWithReceipt { try await job.run() }
+                receipt = try await submit(decoded)
             }
             var out = allocator.buffer(capacity: 96)
             out.writeStaticString("{\"op\":")
@@ -104,6 +103,10 @@ struct Router: Sendable {
             out.writeString(String(receipt.queued.microseconds))
             out.writeStaticString(",\"run_us\":")
             out.writeString(String(receipt.ran.microseconds))
+            if decoded.replicas != nil {
+                out.writeStaticString(",\"replicas\":")
+                out.writeString(String(receipt.copies))
+            }
             out.writeStaticString("}\n")
             var response = Response(body: out)
             response.served = Served(worker: receipt.worker, queued: receipt.queued, ran: receipt.ran)
@@ -116,10 +119,9 @@ struct Router: Sendable {
     /// Races the job against its `timeout_ms`; on timeout the submit is
     /// cancelled (a queued job never runs, a running one sees cancellation)
     /// and the answer is 504.
-    private func submit(_ job: any Job, timeout: Duration) async throws -> Receipt<JSONValue> {
-        let balancer = self.balancer
-        return try await withThrowingTaskGroup(of: Receipt<JSONValue>?.self) { group in
-            group.addTask { try await balancer.submitWithReceipt { try await job.run() } }
+    private func submit(_ decoded: DecodedJob, timeout: Duration) async throws -> Receipt<JSONValue> {
+        try await withThrowingTaskGroup(of: Receipt<JSONValue>?.self) { group in
+            group.addTask { try await submit(decoded) }
             group.addTask {
                 try await Task.sleep(for: timeout)
                 return nil
@@ -131,6 +133,15 @@ struct Router: Sendable {
             }
             return receipt
         }
+    }
+
+    /// Runs the job on the least-loaded worker, or as `replicas` copies.
+    private func submit(_ decoded: DecodedJob) async throws -> Receipt<JSONValue> {
+        let job = decoded.job
+        guard let replicas = decoded.replicas else {
+            return try await balancer.submitWithReceipt { try await job.run() }
+        }
+        return try await balancer.submitReplicated(replicas: replicas) { _ in try await job.run() }
     }
 
     // MARK: - GET /stats

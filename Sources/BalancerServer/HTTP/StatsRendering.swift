@@ -39,6 +39,12 @@ enum StatsRendering {
                 "shut_down": JSONValue(stats.shutDown),
                 "in_flight": JSONValue(stats.inFlight),
             ]),
+            "replicas": .object([
+                "replicated": JSONValue(stats.replicated),
+                "wins": JSONValue(stats.replicaWins),
+                "cancelled_copies": JSONValue(stats.cancelledCopies),
+                "out_of_range": JSONValue(stats.replicasOutOfRange),
+            ]),
             "pending_mean": JSONValue(rounded(stats.pendingMean, places: 4)),
             "pending_variance": JSONValue(rounded(stats.pendingVariance, places: 4)),
             "shutting_down": .bool(stats.shuttingDown),
@@ -84,6 +90,10 @@ enum StatsRendering {
         lines.append(
             "totals submitted \(stats.submitted)  completed \(stats.completed)  failed \(stats.failed)  "
                 + "cancelled \(stats.cancelled)  in_flight \(stats.inFlight)"
+        )
+        lines.append(
+            "replicas replicated \(stats.replicated)  wins \(stats.replicaWins)  "
+                + "cancelled_copies \(stats.cancelledCopies)  out_of_range \(stats.replicasOutOfRange)"
         )
         return lines.joined(separator: "\n") + "\n"
     }

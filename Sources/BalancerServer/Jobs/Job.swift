@@ -51,7 +51,7 @@ public struct JobRegistry: Sendable {
     /// Op names, sorted.
     public var ops: [String] { types.keys.sorted() }
 
-    /// Decodes a job body: `{"op": ..., fields..., "timeout_ms": optional}`.
+    /// Decodes a job body: `{"op": ..., fields..., "timeout_ms": optional, "replicas": optional}`.
     public func decode(_ body: JSONValue, limits: JobLimits) throws(JobError) -> DecodedJob {
         guard case .object(let fields) = body else {
             throw .badJSON("the body must be a JSON object such as {\"op\":\"multiply\",\"x\":6,\"y\":7}, not \(body.typeName)")
@@ -71,7 +71,15 @@ public struct JobRegistry: Sendable {
             }
             timeout = .milliseconds(ms)
         }
-        return DecodedJob(op: type.op, job: job, timeout: timeout)
+        var replicas: Int?
+        if let value = fields["replicas"] {
+            // The upper bound is the workers active when the job arrives: the balancer checks the range.
+            guard let count = value.int64 else {
+                throw .badField("replicas", "must be a whole number from 1 to the number of active workers")
+            }
+            replicas = Int(count)
+        }
+        return DecodedJob(op: type.op, job: job, timeout: timeout, replicas: replicas)
     }
 }
 
@@ -81,6 +89,9 @@ public struct DecodedJob: Sendable {
     public var job: any Job
     /// From `timeout_ms`: past it the answer is 504 and a running job is cancelled.
     public var timeout: Duration?
+    /// From `replicas`: run as this many copies on distinct workers, the first
+    /// answer wins (``Balancer/submitReplicated(replicas:_:)``).
+    public var replicas: Int?
 }
 
 extension JSONObject {
