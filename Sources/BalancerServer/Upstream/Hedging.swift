@@ -320,7 +320,7 @@ extension UpstreamPool {
                 case .started(let id):
                     unstarted.remove(id)
                     if spareIDs.contains(id) { hedgesStarted += 1 }
-                    if copiesDue > 0 {
+                    if copiesDue > 0 && race.winner == nil && outcome == nil {
                         copiesDue -= 1
                         start(spare: true)
                     } else {
