@@ -154,15 +154,16 @@ final class HedgeRace: Sendable {
     var winnerRank: Int? { state.withLock { state in state.winner.flatMap { state.ranks[$0] } } }
     var losersCancelled: Int { state.withLock { $0.losers } }
 
-    /// Keeps `task` of copy `id` to cancel if another copy wins; cancels it at
-    /// once if one already has, or the client is gone.
-    func register(_ id: Int, _ task: Task<Void, Never>) {
-        let cancel = state.withLock { state -> Bool in
-            if state.cancelled || (state.winner != nil && state.winner != id) { return true }
-            state.tasks[id] = task
-            return false
+    /// Starts copy `id` with `makeTask` and keeps the task to cancel if
+    /// another copy wins; starts nothing if one already has, or the client is
+    /// gone. The task is made under the lock, so it is known before it can
+    /// report ``finished(_:)``.
+    func start(_ id: Int, _ makeTask: () -> Task<Void, Never>) -> Bool {
+        state.withLock { state in
+            guard !state.cancelled, state.winner == nil else { return false }
+            state.tasks[id] = makeTask()
+            return true
         }
-        if cancel { task.cancel() }
     }
 
     func finished(_ id: Int) {
@@ -253,31 +254,33 @@ extension UpstreamPool {
         defer { sink.finish() }
 
         /// Starts copy `id`: the first and retries anywhere, the others only on
-        /// spare capacity on a backend no other copy uses.
-        func launch(_ id: Int, spare: Bool) {
+        /// spare capacity on a backend no other copy uses. Returns false when
+        /// it was too late to start it.
+        func launch(_ id: Int, spare: Bool) -> Bool {
             let operation: @Sendable (Int) async throws -> ForwardResult = { worker in
                 race.started(id, backend: self.backendIndex(of: worker))
                 sink.yield(.started(id: id))
                 let copyWriter = HedgeCopyWriter(race: race, id: id, client: writer)
                 return try await self.forward(on: worker, head, body: body, forwarding: forwarding, to: copyWriter)
             }
-            let task = Task {
-                var receipt: Receipt<ForwardResult>?
-                var failure: (any Error)?
-                do {
-                    if spare {
-                        receipt = try await self.balancer.submitOnWorker(
-                            ifRoomAmong: { !race.uses(backend: self.backendIndex(of: $0)) }, operation)
-                    } else {
-                        receipt = try await self.balancer.submitOnWorker(operation)
+            return race.start(id) {
+                Task {
+                    var receipt: Receipt<ForwardResult>?
+                    var failure: (any Error)?
+                    do {
+                        if spare {
+                            receipt = try await self.balancer.submitOnWorker(
+                                ifRoomAmong: { !race.uses(backend: self.backendIndex(of: $0)) }, operation)
+                        } else {
+                            receipt = try await self.balancer.submitOnWorker(operation)
+                        }
+                    } catch {
+                        failure = error
                     }
-                } catch {
-                    failure = error
+                    race.finished(id)
+                    sink.yield(.finished(id: id, receipt: receipt, error: failure))
                 }
-                race.finished(id)
-                sink.yield(.finished(id: id, receipt: receipt, error: failure))
             }
-            race.register(id, task)
         }
 
         return await withTaskCancellationHandler {
@@ -297,7 +300,11 @@ extension UpstreamPool {
             defer { timer?.cancel() }
 
             func start(spare: Bool) {
-                launch(nextID, spare: spare)
+                guard launch(nextID, spare: spare) else {
+                    // A copy won, or the client is gone.
+                    if inFlight == 0 { outcome = .abort }
+                    return
+                }
                 unstarted.insert(nextID)
                 if spare { spareIDs.insert(nextID) }
                 nextID += 1
@@ -315,6 +322,7 @@ extension UpstreamPool {
             }
 
             start(spare: false)
+            if let outcome { return outcome }
             for await event in events {
                 switch event {
                 case .started(let id):
