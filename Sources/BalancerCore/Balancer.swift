@@ -731,11 +731,17 @@ public actor Balancer {
     }
 
     /// Adds a worker and returns its id; it takes work at once, backlog first.
+    /// With `down`, it starts marked down and takes work only after ``markUp(_:)``:
+    /// the caller can tie the id to a resource before the first request comes.
     @discardableResult
-    public func addWorker() -> Int {
+    public func addWorker(down: Bool = false) -> Int {
         let worker = addSlot()
         if started && stage != .stopped { startTask(for: worker) }
-        drainBacklog()
+        if down {
+            _ = takeOutOfRotation(worker.id, becoming: .down)
+        } else {
+            drainBacklog()
+        }
         return worker.id
     }
 

@@ -123,6 +123,33 @@ struct UpstreamSupportTests {
         }
     }
 
+    @Test("a worker added down takes no work until marked up; a waiting request then goes to it")
+    func addWorkerDown() async throws {
+        let balancer = Balancer(configuration: .init(workers: 1, capacity: 1, backlog: 4, queueTimeout: .seconds(30)))
+        let held = HeldOperations()
+        try await withRunning(balancer) { balancer in
+            let first = Task { try await balancer.submitWithReceipt(held.operation()).worker }
+            let second = Task { try await balancer.submitWithReceipt(held.operation()).worker }
+            await eventually(balancer) { $0.inFlight == 2 && $0.backlogDepth == 1 }
+            let added = await balancer.addWorker(down: true)
+            var stats = await balancer.stats()
+            #expect(stats.workers.map(\.state) == [.active, .down])
+            #expect(stats.backlogDepth == 1, "a down worker takes nothing from the backlog")
+            #expect(await balancer.poolIsValid())
+
+            #expect(await balancer.markUp(added))
+            await eventually(balancer) { $0.backlogDepth == 0 }
+            stats = await balancer.stats()
+            #expect(stats.workers.map(\.pending) == [1, 1])
+            while (await balancer.stats()).inFlight > 0 {
+                _ = held.releaseOne { _ in 0 }
+                try await Task.sleep(for: .milliseconds(1))
+            }
+            #expect(Set([try await first.value, try await second.value]) == [0, added])
+            checkAccounting(await balancer.stats())
+        }
+    }
+
     @Test("peak-EWMA gives a worker forty times slower a small share of the work")
     func peakEWMAAvoidsTheSlowWorker() async throws {
         func share(of strategy: Strategy) async throws -> (slow: Int, fast: Int) {
