@@ -59,6 +59,10 @@ struct Serve: AsyncParsableCommand {
     var upstreamMaxReplicas: String?
     @Flag(inversion: .prefixedNo, help: "Latency histograms in /stats and GET /metrics. [default: on]") var metrics: Bool?
     @Flag(inversion: .prefixedNo, help: "One JSON line per answered request on stdout. [default: off]") var accessLog: Bool?
+    @Option(help: ArgumentHelp("Pools with routes and backends, as the config file's \"pools\" JSON array (see config/upstream-pools.json).", valueName: "json"))
+    var pools: String?
+    @Option(help: "Port of a second listener for /stats, /healthz, /readyz, /metrics, /dashboard and /admin/...; the main port then only proxies. [default: none]")
+    var adminPort: String?
 
     /// The flags given, by configuration key name.
     private var flags: [String: String] {
@@ -74,6 +78,7 @@ struct Serve: AsyncParsableCommand {
             ("upstream_hedge_after_ms", upstreamHedgeAfterMs), ("upstream_hedge_max", upstreamHedgeMax),
             ("upstream_max_replicas", upstreamMaxReplicas),
             ("metrics", metrics.map { String($0) }), ("access_log", accessLog.map { String($0) }),
+            ("pools", pools), ("admin_port", adminPort),
         ]
         var flags: [String: String] = [:]
         for case let (name, value?) in pairs { flags[name] = value }
@@ -105,10 +110,9 @@ struct Serve: AsyncParsableCommand {
             configuration.threads == 0
             ? .singleton : MultiThreadedEventLoopGroup(numberOfThreads: configuration.threads)
         let balancer = Balancer(configuration: configuration.balancer)
-        let upstream: UpstreamPool?
+        let upstreams: [UpstreamPool]
         do {
-            upstream = configuration.upstreams.isEmpty
-                ? nil : try UpstreamPool(configuration: configuration, eventLoopGroup: eventLoopGroup)
+            upstreams = try UpstreamPool.pools(of: configuration, eventLoopGroup: eventLoopGroup)
         } catch {
             printError("balancer serve: \(error)")
             throw ExitCode(2)
@@ -118,7 +122,7 @@ struct Serve: AsyncParsableCommand {
             server = try await HTTPServer.bind(
                 configuration: configuration,
                 balancer: balancer,
-                upstream: upstream,
+                upstreams: upstreams,
                 eventLoopGroup: eventLoopGroup,
                 logger: logger
             )
@@ -129,9 +133,7 @@ struct Serve: AsyncParsableCommand {
 
         let grace = Duration.milliseconds(configuration.gracePeriodMilliseconds)
         var groupConfiguration = ServiceGroupConfiguration(
-            services: [.init(service: BalancerService(balancer: balancer, gracePeriod: grace))]
-                + (upstream.map { [.init(service: BalancerService(balancer: $0.balancer, gracePeriod: grace))] } ?? [])
-                + [.init(service: server)],
+            services: server.services(gracePeriod: grace),
             gracefulShutdownSignals: [.sigterm, .sigint],
             logger: logger
         )

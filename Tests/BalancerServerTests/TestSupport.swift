@@ -38,19 +38,12 @@ func withServer<T: Sendable>(
     configuration.gracePeriodMilliseconds = 5_000
     configure(&configuration)
     let balancer = Balancer(configuration: configuration.balancer)
-    let upstream =
-        configuration.upstreams.isEmpty
-        ? nil : try UpstreamPool(configuration: configuration, eventLoopGroup: MultiThreadedEventLoopGroup.singleton)
+    let upstreams = try UpstreamPool.pools(of: configuration, eventLoopGroup: MultiThreadedEventLoopGroup.singleton)
     let server = try await HTTPServer.bind(
-        configuration: configuration, balancer: balancer, upstream: upstream, accessLog: accessLog, logger: quietLogger)
+        configuration: configuration, balancer: balancer, upstreams: upstreams, accessLog: accessLog, logger: quietLogger)
     let grace = Duration.milliseconds(configuration.gracePeriodMilliseconds)
     let group = ServiceGroup(
-        configuration: .init(
-            services: [.init(service: BalancerService(balancer: balancer, gracePeriod: grace))]
-                + (upstream.map { [.init(service: BalancerService(balancer: $0.balancer, gracePeriod: grace))] } ?? [])
-                + [.init(service: server)],
-            logger: quietLogger
-        )
+        configuration: .init(services: server.services(gracePeriod: grace), logger: quietLogger)
     )
     let running = Task { try await group.run() }
     let testServer = TestServer(server: server, group: group)

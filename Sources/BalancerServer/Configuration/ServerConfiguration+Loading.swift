@@ -115,6 +115,43 @@ extension ServerConfiguration {
         .int("upstream_max_replicas", "most copies X-Balancer-Replicas may ask for (capped above); 1 forbids the header", \.upstreamMaxReplicas, range: 1...16),
         .bool("metrics", "latency histograms in /stats and GET /metrics (off: not recorded)", \.metrics),
         .bool("access_log", "one JSON line per answered request on stdout", \.accessLog),
+        Key(
+            name: "pools",
+            help: "pools with routes and backends (a JSON array; see config/upstream-pools.json); replaces upstreams",
+            set: { (config, raw) throws(ConfigurationError) in
+                let json: JSONValue
+                switch raw {
+                case .json(let value): json = value
+                case .text(let text):
+                    do {
+                        json = try JSONParser.parse(ByteBuffer(string: text))
+                    } catch {
+                        throw ConfigurationError("pools: not valid JSON: \(error)")
+                    }
+                }
+                guard case .array(let items) = json else {
+                    throw ConfigurationError("pools: must be an array of pool objects, not \(json.typeName)")
+                }
+                var pools: [PoolConfiguration] = []
+                for (index, item) in items.enumerated() {
+                    pools.append(try PoolConfiguration(json: item, path: "pools[\(index)]"))
+                }
+                config.pools = pools
+            },
+            get: { .array($0.pools.map(\.json)) }
+        ),
+        Key(
+            name: "admin_port",
+            help: "port of a second listener for /stats, /healthz, /readyz, /metrics, /dashboard, /admin/ (then the main port only proxies); null: admin paths on the main port",
+            set: { (config, raw) throws(ConfigurationError) in
+                if case .json(.null) = raw {
+                    config.adminPort = nil
+                } else {
+                    config.adminPort = Int(try raw.int64("admin_port", range: 0...65_535))
+                }
+            },
+            get: { $0.adminPort.map { JSONValue($0) } ?? .null }
+        ),
     ]
 
     /// The environment variable that names the JSON file, like `--config`.
@@ -184,9 +221,39 @@ extension ServerConfiguration {
                 throw ConfigurationError("\(key.flag): \(error.message.droppingPrefix(key.name + ": "))")
             }
         }
-        let problems = config.balancer.problems
+        let problems = config.balancer.problems + config.poolProblems
         if !problems.isEmpty { throw ConfigurationError(problems.joined(separator: "; ")) }
         return config
+    }
+
+    /// What is wrong with the pools and ports taken together, each naming the keys.
+    private var poolProblems: [String] {
+        var problems: [String] = []
+        if !pools.isEmpty && !upstreams.isEmpty {
+            problems.append("upstreams and pools: give the backends either as upstreams (one default pool) or in pools, not both")
+        }
+        if let adminPort, adminPort != 0, adminPort == port {
+            problems.append("admin_port: \(adminPort) is also the main port; pick another")
+        }
+        var names: Set<String> = []
+        var routes: [String?: String] = [:]
+        var backendNames: [String: String] = [:]
+        for pool in pools {
+            if !names.insert(pool.name).inserted { problems.append("pools: two pools are named \"\(pool.name)\"") }
+            if pool.kind == .upstream && PoolName.reserved.contains(pool.name) {
+                problems.append("pools: an upstream pool may not be named \"\(pool.name)\" (a metrics label of its own)")
+            }
+            if let other = routes.updateValue(pool.name, forKey: pool.effectiveRoute) {
+                let route = pool.effectiveRoute.map { "route \"\($0)\"" } ?? "no route (the default pool)"
+                problems.append("pools: \"\(other)\" and \"\(pool.name)\" both have \(route)")
+            }
+            for backend in pool.backends {
+                if let other = backendNames.updateValue(pool.name, forKey: backend.name) {
+                    problems.append("pools: backend name \"\(backend.name)\" is used twice (pools \"\(other)\" and \"\(pool.name)\")")
+                }
+            }
+        }
+        return problems
     }
 
     /// The effective configuration as a JSON object, usable as a config file.
@@ -224,21 +291,15 @@ extension ServerConfiguration.RawValue {
     }
 
     fileprivate func int64(_ name: String, range: ClosedRange<Int64>) throws(ConfigurationError) -> Int64 {
-        let value: Int64?
-        let shown: String
         switch self {
         case .text(let text):
-            value = Int64(text.trimmingWhitespace())
-            shown = "\"\(text)\""
+            guard let value = Int64(text.trimmingWhitespace()) else {
+                throw ConfigurationError("\(name): \"\(text)\" is not a whole number")
+            }
+            return try JSONValue(value).configInt64(name, range: range)
         case .json(let json):
-            value = json.int64
-            shown = json.description
+            return try json.configInt64(name, range: range)
         }
-        guard let value else { throw ConfigurationError("\(name): \(shown) is not a whole number") }
-        guard range.contains(value) else {
-            throw ConfigurationError("\(name): \(value) is out of range \(range.lowerBound)...\(range.upperBound)")
-        }
-        return value
     }
 }
 

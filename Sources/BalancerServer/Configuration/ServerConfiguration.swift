@@ -73,6 +73,14 @@ public struct ServerConfiguration: Sendable, Equatable {
     public var metrics = true
     /// One JSON line per answered request on standard output.
     public var accessLog = false
+    /// Pools with routes, from the config file (see ``PoolConfiguration``);
+    /// empty: the jobs pool and the default upstream pool of `upstreams`
+    /// (``effectivePools``).
+    public var pools: [PoolConfiguration] = []
+    /// A second listener, on the same host, for the admin paths (`/stats`,
+    /// `/healthz`, `/readyz`, `/metrics`, `/dashboard`, `/admin/...`); the main
+    /// port then serves only the pools. `nil`: admin paths on the main port.
+    public var adminPort: Int?
 
     public init() {}
 
@@ -87,18 +95,36 @@ public struct ServerConfiguration: Sendable, Equatable {
         )
     }
 
-    /// The upstream pool's balancer: one worker per backend connection, each
-    /// with room for one request (a connection forwards one at a time; the
-    /// backlog is the queue, so no request waits behind a slow one on a
-    /// connection while another is free).
-    public var upstreamBalancer: Balancer.Configuration {
-        Balancer.Configuration(
-            workers: upstreams.count * connectionsPerUpstream,
-            capacity: 1,
-            backlog: backlog,
-            queueTimeout: .milliseconds(queueTimeoutMilliseconds),
-            strategy: strategy == .sharedQueue ? .leastLoaded : strategy
-        )
+    /// The pools as the server runs them: `pools` when given; otherwise the
+    /// jobs pool and, with `upstreams`, one default upstream pool (no route:
+    /// every other path) named `upstream`, whose backends are `backend1`,
+    /// `backend2`, ... with the `upstream_*` settings and `strategy`.
+    public var effectivePools: [PoolConfiguration] {
+        if !pools.isEmpty {
+            return pools.map { pool in
+                var pool = pool
+                if pool.kind == .upstream && pool.hedging == nil { pool.hedging = upstreamHedging }
+                return pool
+            }
+        }
+        var result = [PoolConfiguration(name: "jobs", kind: .jobs)]
+        if !upstreams.isEmpty {
+            var pool = PoolConfiguration(
+                name: "upstream",
+                backends: upstreams.enumerated().map { index, url in
+                    BackendConfiguration(name: "backend\(index + 1)", url: url, connections: connectionsPerUpstream)
+                }
+            )
+            pool.retries = upstreamRetries
+            pool.maxFails = upstreamMaxFails
+            pool.failTimeoutMilliseconds = upstreamFailTimeoutMilliseconds
+            pool.connectTimeoutMilliseconds = upstreamConnectTimeoutMilliseconds
+            pool.responseTimeoutMilliseconds = upstreamResponseTimeoutMilliseconds
+            pool.strategy = strategy
+            pool.hedging = upstreamHedging
+            result.append(pool)
+        }
+        return result
     }
 
     /// The jobs' part of the configuration.

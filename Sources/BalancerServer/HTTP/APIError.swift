@@ -79,6 +79,21 @@ public struct APIError: Error, Sendable, Equatable {
                 code: error.kind.rawValue,
                 message: "\(error); the request was tried on every backend it could be"
             )
+        case let error as UpstreamPool.ChangeError:
+            switch error {
+            case .unknownBackend(let name):
+                self.init(status: .notFound, code: "unknown_backend", message: "no backend is named \"\(name)\"; GET /admin/backends lists them")
+            case .unknownPool(let name):
+                self.init(status: .notFound, code: "unknown_pool", message: "no upstream pool is named \"\(name)\"")
+            case .nameTaken(let name):
+                self.init(status: .conflict, code: "backend_exists", message: "a backend named \"\(name)\" exists already; names are unique across pools")
+            case .removing(let name):
+                self.init(status: .conflict, code: "backend_removing", message: "backend \"\(name)\" is being removed")
+            }
+        case let error as ConfigurationError:
+            self.init(status: .badRequest, code: "bad_field", message: error.message)
+        case let error as BackendURLError:
+            self.init(status: .badRequest, code: "bad_field", message: "\(error)")
         case let error as JSONParseError:
             self.init(status: .badRequest, code: "bad_json", message: "the body is not valid JSON: \(error)")
         case is CancellationError:

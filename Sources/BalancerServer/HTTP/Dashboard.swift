@@ -6,7 +6,7 @@ import NIOCore
 /// It shows each worker's pending as a bar scaled to the capacity (the talk's
 /// picture of the load evening out), throughput (completed per second, from
 /// successive snapshots) and p99 over the last five minutes as inline SVG
-/// charts, the backlog and the errors, and the upstream pool when there is one.
+/// charts, the backlog and the errors, and the first upstream pool when there is one.
 ///
 /// Hooks for tests: every bar is `.bar[data-pool][data-worker-id][data-pending]`,
 /// and `window.lastStats` holds the snapshot the page last rendered
@@ -205,14 +205,14 @@ enum Dashboard {
           chart($("p99-chart"), history.p99, "#ffb454", duration,
                 total ? "waiting for data" : "this server does not report latencies in /stats");
 
-          const upstream = stats.upstream;
+          const upstream = (stats.pools || [])[0];
           $("upstream-panel").classList.toggle("hidden", !upstream);
           if (upstream) {
             const uq = upstream.queue || {};
             let errors = 0;
             for (const w of upstream.workers || []) for (const k in (w.errors || {})) errors += w.errors[k];
             $("upstream-meta").textContent =
-              "strategy " + (upstream.strategy || "-") + " · backlog " + number(uq.depth) + " / " + number(uq.limit) +
+              "pool " + (upstream.name || "-") + " · strategy " + (upstream.strategy || "-") + " · backlog " + number(uq.depth) + " / " + number(uq.limit) +
               " · overloaded " + number(uq.overloaded) + " · timed out " + number(uq.timed_out) +
               " · unavailable " + number(uq.unavailable) + " · errors " + number(errors);
             renderBars($("upstream-workers"), "upstream", upstream.workers || [], 1, (w) => w.backend + " #" + w.id);

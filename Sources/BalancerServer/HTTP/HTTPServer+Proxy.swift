@@ -4,28 +4,17 @@ import NIOHTTP1
 import Synchronization
 
 extension HTTPServer {
-    /// The paths the server answers itself; with an upstream pool, every other
-    /// path goes to the backends.
-    static let ownPaths: Set<Substring> = ["/jobs", "/stats", "/dashboard", "/healthz", "/readyz", "/metrics"]
-
-    /// Whether a request for `uri` goes to the upstream pool.
-    func isProxied(_ uri: String) -> Bool {
-        guard upstream != nil else { return false }
-        let path = uri.utf8.firstIndex(of: UInt8(ascii: "?")).map { uri[..<$0] } ?? uri[...]
-        return !Self.ownPaths.contains(path) && !path.hasPrefix("/admin/")
-    }
-
     /// Proxies one request: streams its body to the worker forwarding it while
     /// the response streams back. Returns whether the connection may carry
     /// another request.
     func proxy(
         _ head: HTTPRequestHead,
+        to upstream: UpstreamPool,
         requestID: String,
         parts: inout NIOAsyncChannelInboundStream<HTTPServerRequestPart>.AsyncIterator,
         connection: Connection,
         outbound: NIOAsyncChannelOutboundWriter<HTTPServerResponsePart>
     ) async throws -> Bool {
-        guard let upstream else { return false }
         let keepAlive = head.isKeepAlive && !state.isDraining
         let acceptsTrailers = head.headers[canonicalForm: "te"].contains { $0.lowercased() == "trailers" }
         let started = observer.isActive ? ContinuousClock.now : nil
@@ -89,7 +78,7 @@ extension HTTPServer {
             if let started {
                 observer.observe(
                     RequestRecord(
-                        method: head.method, uri: head.uri, requestID: requestID, status: result.status, pool: .upstream,
+                        method: head.method, uri: head.uri, requestID: requestID, status: result.status, pool: upstream.poolName,
                         served: served, total: .now - started, bytesIn: result.requestBodyBytes,
                         bytesOut: result.responseBodyBytes))
             }
@@ -97,13 +86,13 @@ extension HTTPServer {
         case .failed(let error):
             let response = Response(error, allocator: connection.channel.allocator)
             try await write(response, for: head, requestID: requestID, keepAlive: false, to: outbound)
-            observe(head, requestID: requestID, error: response, pool: .upstream)
+            observe(head, requestID: requestID, error: response, pool: upstream.poolName)
             return false
         case .abort:
             // The client went away, or the backend failed after the head went
             // out: the status is the one the client saw, if any.
             let status = writer.writtenStatus ?? .custom(code: 499, reasonPhrase: "Client Closed Request")
-            observe(head, requestID: requestID, error: Response(status: status, body: ByteBuffer()), pool: .upstream)
+            observe(head, requestID: requestID, error: Response(status: status, body: ByteBuffer()), pool: upstream.poolName)
             return false
         }
     }

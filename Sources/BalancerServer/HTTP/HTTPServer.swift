@@ -30,17 +30,27 @@ public final class HTTPServer: Service, Sendable {
         case refused
     }
 
+    /// A listening socket and what stops it accepting.
+    struct Listening: Sendable {
+        let listener: Routes.Listener
+        let channel: NIOAsyncChannel<Accepted, Never>
+        let quiescing: ServerQuiescingHelper
+    }
+
     public let configuration: ServerConfiguration
+    /// The jobs pool's balancer.
     public let balancer: Balancer
-    /// The upstream pool, when backends are configured: every path but the
-    /// server's own is proxied to it.
-    public let upstream: UpstreamPool?
+    /// The upstream pools, in configuration order; ``Routes`` says which
+    /// paths go to which.
+    public let upstreams: [UpstreamPool]
     /// Readiness and uptime.
     public let state: ServerState
     /// The address actually bound (its port is the real one when 0 was asked for).
     public let localAddress: SocketAddress
-    private let serverChannel: NIOAsyncChannel<Accepted, Never>
-    private let quiescing: ServerQuiescingHelper
+    /// The admin listener's address, when `admin_port` is set.
+    public let adminAddress: SocketAddress?
+    private let listening: [Listening]
+    private let routes: Routes
     private let router: Router
     /// The metrics and the access log, each `nil` when off.
     let observer: RequestObserver
@@ -48,48 +58,88 @@ public final class HTTPServer: Service, Sendable {
 
     /// The port actually bound.
     public var port: Int { localAddress.port ?? configuration.port }
+    /// The admin listener's port actually bound, when `admin_port` is set.
+    public var adminPort: Int? { adminAddress.map { $0.port ?? configuration.adminPort ?? 0 } }
 
     private init(
         configuration: ServerConfiguration,
         balancer: Balancer,
-        upstream: UpstreamPool?,
+        upstreams: [UpstreamPool],
         state: ServerState,
-        serverChannel: NIOAsyncChannel<Accepted, Never>,
-        quiescing: ServerQuiescingHelper,
+        listening: [Listening],
         accessLog: AccessLogSink?,
         logger: Logger
     ) {
         self.configuration = configuration
         self.balancer = balancer
-        self.upstream = upstream
+        self.upstreams = upstreams
         self.state = state
-        self.serverChannel = serverChannel
-        self.localAddress = serverChannel.channel.localAddress!
-        self.quiescing = quiescing
+        self.listening = listening
+        self.localAddress = listening[0].channel.channel.localAddress!
+        self.adminAddress = listening.first { $0.listener == .admin }?.channel.channel.localAddress
+        self.routes = Routes(pools: configuration.effectivePools, upstreams: upstreams, adminOnMain: listening.count == 1)
         let metrics =
             configuration.metrics
-            ? ServerMetrics(workers: balancer.configuration.workers, upstreamWorkers: upstream?.balancer.configuration.workers)
+            ? ServerMetrics(workers: balancer.configuration.workers, upstreams: upstreams.map { ($0.poolName, $0.balancer.configuration.workers) })
             : nil
         self.observer = RequestObserver(metrics: metrics, accessLog: configuration.accessLog ? accessLog ?? .standardOutput : nil)
         self.router = Router(
-            balancer: balancer, registry: .builtIn, limits: configuration.jobLimits, state: state, upstream: upstream,
+            balancer: balancer, registry: .builtIn, limits: configuration.jobLimits, state: state, upstreams: upstreams,
             metrics: metrics)
         self.logger = logger
     }
 
-    /// Opens the listening socket at `configuration.host`:`configuration.port`.
+    /// Opens the listening socket at `configuration.host`:`configuration.port`,
+    /// and the admin listener at `configuration.adminPort` when set.
     ///
-    /// - Parameter accessLog: where access-log lines go when `access_log` is
-    ///   on; standard output if `nil`.
+    /// - Parameters:
+    ///   - upstreams: the upstream pools of `configuration.effectivePools`.
+    ///   - accessLog: where access-log lines go when `access_log` is on;
+    ///     standard output if `nil`.
     /// - Throws: ``BindError`` with a one-line message (address in use, bad host).
     public static func bind(
         configuration: ServerConfiguration,
         balancer: Balancer,
-        upstream: UpstreamPool? = nil,
+        upstreams: [UpstreamPool] = [],
         eventLoopGroup: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton,
         accessLog: AccessLogSink? = nil,
         logger: Logger
     ) async throws -> HTTPServer {
+        var listening = [try await listen(.main, port: configuration.port, configuration: configuration, eventLoopGroup: eventLoopGroup)]
+        if let adminPort = configuration.adminPort {
+            do {
+                listening.append(try await listen(.admin, port: adminPort, configuration: configuration, eventLoopGroup: eventLoopGroup))
+            } catch {
+                try? await listening[0].channel.channel.close()
+                throw error
+            }
+        }
+        let server = HTTPServer(
+            configuration: configuration,
+            balancer: balancer,
+            upstreams: upstreams,
+            state: ServerState(),
+            listening: listening,
+            accessLog: accessLog,
+            logger: logger
+        )
+        var metadata: Logger.Metadata = [
+            "address": "\(configuration.host):\(server.port)",
+            "workers": "\(configuration.workers)",
+            "strategy": "\(configuration.strategy.rawValue)",
+        ]
+        if let adminPort = server.adminPort { metadata["admin_address"] = "\(configuration.host):\(adminPort)" }
+        logger.info("listening", metadata: metadata)
+        return server
+    }
+
+    /// Opens one listening socket on `configuration.host`.
+    private static func listen(
+        _ listener: Routes.Listener,
+        port: Int,
+        configuration: ServerConfiguration,
+        eventLoopGroup: any EventLoopGroup
+    ) async throws -> Listening {
         let quiescing = ServerQuiescingHelper(group: eventLoopGroup)
         let counter = ConnectionCounter()
         let maxConnections = configuration.maxConnections
@@ -120,7 +170,7 @@ public final class HTTPServer: Service, Sendable {
         do {
             serverChannel = try await bootstrap.bind(
                 host: configuration.host,
-                port: configuration.port,
+                port: port,
                 serverBackPressureStrategy: nil
             ) { channel in
                 channel.eventLoop.makeCompletedFuture {
@@ -149,27 +199,9 @@ public final class HTTPServer: Service, Sendable {
                 }
             }
         } catch {
-            throw BindError(host: configuration.host, port: configuration.port, underlying: error)
+            throw BindError(host: configuration.host, port: port, underlying: error)
         }
-        let server = HTTPServer(
-            configuration: configuration,
-            balancer: balancer,
-            upstream: upstream,
-            state: ServerState(),
-            serverChannel: serverChannel,
-            quiescing: quiescing,
-            accessLog: accessLog,
-            logger: logger
-        )
-        logger.info(
-            "listening",
-            metadata: [
-                "address": "\(configuration.host):\(server.port)",
-                "workers": "\(configuration.workers)",
-                "strategy": "\(configuration.strategy.rawValue)",
-            ]
-        )
-        return server
+        return Listening(listener: listener, channel: serverChannel, quiescing: quiescing)
     }
 
     /// Serves until graceful shutdown (or cancellation) and every connection has closed.
@@ -179,19 +211,18 @@ public final class HTTPServer: Service, Sendable {
     ///   without a listener.
     public func run() async throws {
         let acceptFailure: (any Error)? = await withGracefulShutdownHandler {
-            await withDiscardingTaskGroup { group -> (any Error)? in
-                do {
-                    try await serverChannel.executeThenClose { inbound in
-                        for try await accepted in inbound {
-                            guard case .http(let connection) = accepted else { continue }
-                            group.addTask { await self.serve(connection) }
-                        }
-                    }
-                    return nil
-                } catch {
-                    logger.error("accepting connections failed", metadata: ["error": "\(error)"])
-                    return error
+            await withTaskGroup(of: (any Error)?.self) { listeners -> (any Error)? in
+                for listening in self.listening {
+                    listeners.addTask { await self.accept(on: listening) }
                 }
+                // A drain closes every listener; one that fails closes the others.
+                var failure: (any Error)?
+                for await ended in listeners {
+                    guard let ended, failure == nil else { continue }
+                    failure = ended
+                    for listening in self.listening { listening.quiescing.initiateShutdown(promise: nil) }
+                }
+                return failure
             }
         } onGracefulShutdown: {
             self.beginDrain()
@@ -206,6 +237,35 @@ public final class HTTPServer: Service, Sendable {
         try? await gracefulShutdown()
     }
 
+    /// Every service `balancer serve` runs, in `ServiceGroup` order: the
+    /// balancers first (they shut down last), the upstream pools' health
+    /// checks, then this server (it shuts down first and drains the balancers).
+    public func services(gracePeriod: Duration) -> [ServiceGroupConfiguration.ServiceConfiguration] {
+        [.init(service: BalancerService(balancer: balancer, gracePeriod: gracePeriod))]
+            + upstreams.map { .init(service: BalancerService(balancer: $0.balancer, gracePeriod: gracePeriod)) }
+            + upstreams.map { .init(service: $0) }
+            + [.init(service: self)]
+    }
+
+    /// Accepts connections on one listener and serves each in a child task,
+    /// until the listener closes; returns the error that ended it, if any.
+    private func accept(on listening: Listening) async -> (any Error)? {
+        await withDiscardingTaskGroup { group -> (any Error)? in
+            do {
+                try await listening.channel.executeThenClose { inbound in
+                    for try await accepted in inbound {
+                        guard case .http(let connection) = accepted else { continue }
+                        group.addTask { await self.serve(connection, on: listening.listener) }
+                    }
+                }
+                return nil
+            } catch {
+                logger.error("accepting connections failed", metadata: ["error": "\(error)"])
+                return error
+            }
+        }
+    }
+
     /// Starts the drain: not ready, no new connections, jobs finish within the
     /// grace period, every connection closes after its answer.
     public func beginDrain() {
@@ -215,8 +275,10 @@ public final class HTTPServer: Service, Sendable {
             metadata: ["grace_period_ms": "\(configuration.gracePeriodMilliseconds)"]
         )
         balancer.shutdown(gracePeriod: .milliseconds(configuration.gracePeriodMilliseconds))
-        upstream?.balancer.shutdown(gracePeriod: .milliseconds(configuration.gracePeriodMilliseconds))
-        quiescing.initiateShutdown(promise: nil)
+        for upstream in upstreams {
+            upstream.balancer.shutdown(gracePeriod: .milliseconds(configuration.gracePeriodMilliseconds))
+        }
+        for listening in listening { listening.quiescing.initiateShutdown(promise: nil) }
     }
 
     // MARK: - One connection
@@ -224,13 +286,13 @@ public final class HTTPServer: Service, Sendable {
     /// Answers requests on one connection in order until it closes. If the
     /// client goes away mid-job, the job's task is cancelled: a queued job
     /// never runs, a running one's result is dropped.
-    private func serve(_ connection: Connection) async {
+    private func serve(_ connection: Connection, on listener: Routes.Listener) async {
         let channel = connection.channel
         await withTaskCancellationHandler {
             await withTaskGroup(of: Void.self) { group in
                 group.addTask {
                     do {
-                        try await self.answerRequests(on: connection)
+                        try await self.answerRequests(on: connection, from: listener)
                     } catch {
                         self.logger.debug("connection ended", metadata: ["error": "\(error)"])
                     }
@@ -247,15 +309,16 @@ public final class HTTPServer: Service, Sendable {
         }
     }
 
-    private func answerRequests(on connection: Connection) async throws {
+    private func answerRequests(on connection: Connection, from listener: Routes.Listener) async throws {
         let maxBody = configuration.maxBodyBytes
         try await connection.executeThenClose { inbound, outbound in
             var parts = inbound.makeAsyncIterator()
             while let part = try await parts.next() {
                 guard case .head(let head) = part else { continue }
                 let requestID = RequestID.of(head.headers)
-                if isProxied(head.uri) {
-                    guard try await proxy(head, requestID: requestID, parts: &parts, connection: connection, outbound: outbound)
+                let target = routes.target(for: head.uri, on: listener)
+                if case .upstream(let upstream) = target {
+                    guard try await proxy(head, to: upstream, requestID: requestID, parts: &parts, connection: connection, outbound: outbound)
                     else { return }
                     continue
                 }
@@ -293,7 +356,7 @@ public final class HTTPServer: Service, Sendable {
                 guard ended else { return }
                 let keepAlive = head.isKeepAlive
                 let started = observer.isActive ? ContinuousClock.now : nil
-                let response = await router.respond(to: head, body: body)
+                let response = await router.respond(to: head, body: body, target: target)
                 // Recorded before the answer goes out, so a client that reads
                 // /stats after its answer finds its request counted.
                 if let started {
@@ -321,7 +384,7 @@ public final class HTTPServer: Service, Sendable {
     ) async throws {
         let response = Response(.bodyTooLarge(limit: limit), allocator: channel.allocator)
         try await write(response, for: head, requestID: requestID, keepAlive: false, to: outbound)
-        observe(head, requestID: requestID, error: response, pool: isProxied(head.uri) ? .upstream : .server)
+        observe(head, requestID: requestID, error: response, pool: .server)
         lingeringClose(channel)
         while try await parts.next() != nil {}
     }

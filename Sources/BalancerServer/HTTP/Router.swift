@@ -26,7 +26,9 @@ struct Response: Sendable {
     }
 }
 
-/// The routes: `POST /jobs`, `GET /stats`, `GET /dashboard`, `GET /metrics`, `GET /healthz`, `GET /readyz`.
+/// The server's own answers: `POST /jobs`, `GET /stats`, `GET /dashboard`,
+/// `GET /metrics`, `GET /healthz`, `GET /readyz`, the admin API
+/// (`/admin/...`). ``Routes`` decides first which requests come here.
 ///
 /// Every failure becomes an ``APIError`` (mapped to its status in one place);
 /// nothing here throws to the connection.
@@ -35,12 +37,14 @@ struct Router: Sendable {
     let registry: JobRegistry
     let limits: JobLimits
     let state: ServerState
-    let upstream: UpstreamPool?
+    let upstreams: [UpstreamPool]
     /// Latency histograms and `/metrics`; `nil` when `metrics` is off.
     let metrics: ServerMetrics?
     let allocator = ByteBufferAllocator()
 
-    func respond(to head: HTTPRequestHead, body: ByteBuffer?) async -> Response {
+    /// Answers a request ``Routes`` sent here (`target` is `.admin`, `.jobs`
+    /// or `.notFound`).
+    func respond(to head: HTTPRequestHead, body: ByteBuffer?, target: Routes.Target) async -> Response {
         let uri = head.uri
         let path: Substring
         let query: Substring
@@ -51,6 +55,7 @@ struct Router: Sendable {
             path = uri[...]
             query = ""
         }
+        if case .notFound = target { return Response(.notFound(path), allocator: allocator) }
         switch path {
         case "/jobs":
             guard head.method == .POST else { return Response(.methodNotAllowed(head.method, path, allow: "POST"), allocator: allocator) }
@@ -77,6 +82,7 @@ struct Router: Sendable {
             }
             return Response(body: ByteBuffer(string: "{\"status\":\"ready\"}\n"))
         default:
+            if path.hasPrefix("/admin/") { return await admin(head, path: path, body: body) }
             return Response(.notFound(path), allocator: allocator)
         }
     }
@@ -159,9 +165,13 @@ struct Router: Sendable {
         case "json":
             var out = allocator.buffer(capacity: 256 + (latency == nil ? 128 : 512) * snapshot.workers.count)
             var json = StatsRendering.json(snapshot, uptime: uptime, latency: latency)
-            if let upstream, case .object(var object) = json {
-                let upstreamLatency = metrics?.upstream?.latency.snapshot()
-                object.members.append((key: "upstream", value: await upstream.statsJSON(latency: upstreamLatency)))
+            if !upstreams.isEmpty, case .object(var object) = json {
+                var pools: [JSONValue] = []
+                for upstream in upstreams {
+                    let upstreamLatency = metrics?.pool(upstream.poolName)?.latency.snapshot()
+                    pools.append(await upstream.statsJSON(latency: upstreamLatency))
+                }
+                object.members.append((key: "pools", value: .array(pools)))
                 json = .object(object)
             }
             out.writeJSON(json)
@@ -181,10 +191,11 @@ struct Router: Sendable {
 
     private func renderMetrics(_ metrics: ServerMetrics) async -> ByteBuffer {
         let jobs = await balancer.stats()
-        let upstreamStats = await upstream?.balancer.stats()
-        return metrics.render(jobs: jobs, upstream: upstreamStats) { worker in
-            upstream.map { $0.backends[$0.backendIndex(of: worker)].name }
+        var pools: [ServerMetrics.UpstreamSnapshot] = []
+        for upstream in upstreams {
+            pools.append((upstream.poolName, await upstream.balancer.stats(), upstream.backendName(ofWorker:)))
         }
+        return metrics.render(jobs: jobs, upstreams: pools)
     }
 }
 

@@ -77,9 +77,9 @@ struct RequestRecord {
         out.writeJSONString(uri)
         out.writeStaticString(",\"status\":")
         out.writeString(String(status.code))
-        out.writeStaticString(",\"pool\":\"")
-        out.writeString(pool.rawValue)
-        out.writeStaticString("\",\"worker\":")
+        out.writeStaticString(",\"pool\":")
+        out.writeJSONString(pool.rawValue)
+        out.writeStaticString(",\"worker\":")
         if let served {
             out.writeString(String(served.worker))
             if let backend = served.backend {

@@ -5,23 +5,19 @@ import NIOHTTP1
 import Prometheus
 import Synchronization
 
-/// Which pool answered a request, the `pool` label of the metrics and the access log.
-enum PoolName: String, Sendable, CaseIterable {
-    /// `POST /jobs`: the jobs' balancer.
-    case jobs
-    /// A proxied request: the upstream pool.
-    case upstream
-    /// The server's own routes (`/stats`, `/metrics`, health, unknown paths).
-    case server
+/// Which pool answered a request, the `pool` label of the metrics and the
+/// access log: `jobs`, `server` (the server's own routes: `/stats`,
+/// `/metrics`, health, unknown paths), or an upstream pool's name (the quick
+/// start's pool is `upstream`).
+struct PoolName: Hashable, Sendable {
+    let rawValue: String
 
-    /// Its place in `allCases`.
-    var index: Int {
-        switch self {
-        case .jobs: 0
-        case .upstream: 1
-        case .server: 2
-        }
-    }
+    /// `POST /jobs`: the jobs' balancer.
+    static let jobs = PoolName(rawValue: "jobs")
+    /// The server's own routes.
+    static let server = PoolName(rawValue: "server")
+    /// Names an upstream pool may not take: they are the labels above.
+    static let reserved: Set<String> = [jobs.rawValue, server.rawValue]
 }
 
 /// The metrics of one server: its own Prometheus registry (tests run many
@@ -47,11 +43,11 @@ final class ServerMetrics: Sendable {
     let registry = PrometheusCollectorRegistry()
     private let factory: PrometheusMetricsFactory
     let jobs: PoolMetrics
-    let upstream: PoolMetrics?
-    /// Answers by pool (in `PoolName.allCases` order), then by status class:
-    /// index 0 is 2xx, ..., 3 is 5xx (1xx is never final). Empty for a pool
-    /// the server does not have.
-    private let answers: [[CoreMetrics.Counter]]
+    /// The upstream pools', by name.
+    let upstreams: [PoolName: PoolMetrics]
+    /// Answers by pool, then by status class: index 0 is 2xx, ..., 3 is 5xx
+    /// (1xx is never final).
+    private let answers: [PoolName: [CoreMetrics.Counter]]
     /// The balancer counters last exported, per pool: `/metrics` adds what they grew since.
     private let exported = Mutex<[PoolName: ExportedCounts]>([:])
 
@@ -62,44 +58,45 @@ final class ServerMetrics: Sendable {
 
     /// - Parameters:
     ///   - workers: workers of the jobs' pool.
-    ///   - upstreamWorkers: workers of the upstream pool, if there is one.
-    init(workers: Int, upstreamWorkers: Int?) {
+    ///   - upstreams: each upstream pool's name and workers at start.
+    init(workers: Int, upstreams: [(name: PoolName, workers: Int)]) {
         var factory = PrometheusMetricsFactory(registry: registry)
         factory.defaultDurationHistogramBuckets = Self.buckets
         self.factory = factory
         jobs = PoolMetrics(.jobs, workers: workers, factory: factory)
-        upstream = upstreamWorkers.map { PoolMetrics(.upstream, workers: $0, factory: factory) }
-        answers = PoolName.allCases.map { pool in
-            guard pool != .upstream || upstreamWorkers != nil else { return [] }
-            return (2...5).map { statusClass in
-                CoreMetrics.Counter(
-                    label: "balancer_requests_total", dimensions: [("pool", pool.rawValue), ("class", "\(statusClass)xx")],
-                    factory: factory)
-            }
-        }
+        self.upstreams = Dictionary(uniqueKeysWithValues: upstreams.map { ($0.name, PoolMetrics($0.name, workers: $0.workers, factory: factory)) })
+        answers = Dictionary(
+            uniqueKeysWithValues: ([PoolName.jobs, .server] + upstreams.map(\.name)).map { pool in
+                (
+                    pool,
+                    (2...5).map { statusClass in
+                        CoreMetrics.Counter(
+                            label: "balancer_requests_total", dimensions: [("pool", pool.rawValue), ("class", "\(statusClass)xx")],
+                            factory: factory)
+                    }
+                )
+            })
     }
 
     /// The timed pool `name`, if the server has it.
     func pool(_ name: PoolName) -> PoolMetrics? {
-        switch name {
-        case .jobs: jobs
-        case .upstream: upstream
-        case .server: nil
-        }
+        name == .jobs ? jobs : upstreams[name]
     }
 
     /// One answer of pool `pool`, by its status class.
     func count(_ status: HTTPResponseStatus, pool: PoolName) {
-        let counters = answers[pool.index]
-        guard !counters.isEmpty else { return }
+        guard let counters = answers[pool] else { return }
         counters[min(max(Int(status.code) / 100 - 2, 0), 3)].increment()
     }
 
+    /// An upstream pool's name, balancer snapshot, and the backend of each worker.
+    typealias UpstreamSnapshot = (name: PoolName, stats: BalancerStats, backendOf: (Int) -> String?)
+
     /// The Prometheus text for `/metrics`: first the figures read from the
-    /// pools' snapshots (`backendOf` names the backend of an upstream worker).
-    func render(jobs jobsStats: BalancerStats, upstream upstreamStats: BalancerStats?, backendOf: (Int) -> String?) -> ByteBuffer {
+    /// pools' snapshots.
+    func render(jobs jobsStats: BalancerStats, upstreams: [UpstreamSnapshot]) -> ByteBuffer {
         export(jobsStats, pool: .jobs, backendOf: { _ in nil })
-        if let upstreamStats { export(upstreamStats, pool: .upstream, backendOf: backendOf) }
+        for upstream in upstreams { export(upstream.stats, pool: upstream.name, backendOf: upstream.backendOf) }
         var bytes: [UInt8] = []
         registry.emit(into: &bytes)
         return ByteBuffer(bytes: bytes)

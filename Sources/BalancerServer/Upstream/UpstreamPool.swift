@@ -1,82 +1,173 @@
 import BalancerCore
 import NIOCore
 import NIOHTTP1
+import ServiceLifecycle
 import Synchronization
 
 /// An upstream pool: the talk's balancer in front of real backends.
 ///
 /// Each backend gets K workers (K = its connection limit, like HAProxy's
-/// per-server `maxconn`); worker `w` belongs to backend `w % B` (B backends,
-/// interleaved so that ties between idle workers alternate backends) and owns
-/// `connections[w]`, one keep-alive connection it uses one request at a time.
-/// A request is the talk's `Request` whose operation is "forward this over my
-/// connection", so the heap gives it to the connection with the least pending.
+/// per-server `maxconn`); each worker owns one keep-alive connection it uses
+/// one request at a time. The workers of the configured backends are
+/// interleaved (ties between idle workers alternate backends). A request is the
+/// talk's `Request` whose operation is "forward this over my connection", so
+/// the heap gives it to the connection with the least pending.
 ///
 /// Failures: a retryable failure (``UpstreamError/Kind/retry``) is tried again
-/// on another worker, up to `retries` more times. `maxFails` consecutive
-/// failures of a backend eject it (its workers are marked down in the
-/// balancer, so its queued requests move to other backends) for `failTimeout`,
-/// as nginx's `max_fails` and `fail_timeout` do.
-public final class UpstreamPool: Sendable {
+/// on another worker, up to `retries` more times. `max_fails` consecutive
+/// failures of a backend eject it for `fail_timeout_ms`, as nginx's
+/// `max_fails` and `fail_timeout` do.
+///
+/// Whether a backend's workers are in the heap is decided in one place,
+/// ``BackendEntry/inRotation(now:)``: only when the admin API has it `ready`,
+/// its active health check says up, and passive health has not ejected it.
+/// Any one of them saying no wins, so the two health mechanisms never fight:
+/// an ejection keeps a backend out for its cool-down even while checks pass,
+/// and a failing check keeps it out after the ejection ends. Out of rotation,
+/// its workers are marked down in the balancer: the request each runs
+/// finishes, the one queued behind it (capacity is 1) goes back to the backlog
+/// and on to another backend.
+///
+/// Backends can be drained, made ready, added and removed at runtime (the
+/// admin API); it is a swift-service-lifecycle `Service` whose ``run()`` runs
+/// the active health checks.
+public final class UpstreamPool: Service, Sendable {
+    public let configuration: PoolConfiguration
     /// The pool's own balancer; run it in the service group.
     public let balancer: Balancer
-    public let backends: [Backend]
-    /// K.
-    public let connectionsPerBackend: Int
-    let retries: Int
-    let failTimeout: Duration
     /// When requests are copied to other backends (see ``HedgePolicy``).
     public let hedging: HedgePolicy
     let hedgeStats: Mutex<HedgeStats>
-    private let connections: [UpstreamConnection]
+    private let eventLoopGroup: any EventLoopGroup
+    private let upstreamConfiguration: UpstreamConfiguration
+    private let names: BackendNames
     private let state: Mutex<State>
 
-    private struct State {
-        var workers: [UpstreamStats]
-        var retries: [Int]
-        var passive: [PassiveHealth]
-        var ejections: [Int]
+    public var name: String { configuration.name }
+    /// The `pool` label of this pool's metrics and access-log lines.
+    var poolName: PoolName { PoolName(rawValue: configuration.name) }
+    /// Further tries after a retryable failure.
+    var retries: Int { configuration.retries }
+
+    /// What the admin API set for a backend.
+    enum AdminState: String, Sendable {
+        /// In rotation when healthy.
+        case ready
+        /// Out of rotation: finishes what it holds, takes nothing new.
+        case draining
+        /// Being removed: leaves the pool once its running requests end.
+        case removing
     }
 
-    /// - Parameter configuration: `upstreams`, `connections_per_upstream`,
-    ///   the `upstream_*` settings and the balancer's backlog, timeout and strategy.
-    public init(configuration: ServerConfiguration, eventLoopGroup: any EventLoopGroup) throws {
-        let backends = try configuration.upstreams.enumerated().map { index, url in
-            try Backend(name: "backend\(index + 1)", url: url)
+    struct BackendEntry: Sendable {
+        let backend: Backend
+        /// A number for the backend, unique in the pool for its life (hedging
+        /// tells backends apart by it).
+        let number: Int
+        let connections: Int
+        var workerIDs: [Int]
+        var admin = AdminState.ready
+        var passive: PassiveHealth
+        /// What the active health check says (up when there is none).
+        var healthUp = true
+        var checker: HealthChecker?
+        var checkerTask: Task<Void, Never>?
+        var retries = 0
+        var ejections = 0
+        /// Bumped on every change that may move the backend in or out of
+        /// rotation; ``reconcile(_:)`` repeats until it applied the latest.
+        var generation = 0
+
+        /// The one rule for whether this backend's workers are in the heap.
+        func inRotation(now: ContinuousClock.Instant = .now) -> Bool {
+            admin == .ready && healthUp && !passive.isEjected(now: now)
         }
-        let k = configuration.connectionsPerUpstream
-        let upstreamConfiguration = UpstreamConfiguration(
-            connectTimeout: .milliseconds(configuration.upstreamConnectTimeoutMilliseconds),
-            responseHeaderTimeout: .milliseconds(configuration.upstreamResponseTimeoutMilliseconds)
+    }
+
+    struct WorkerEntry: Sendable {
+        let backend: String
+        let connection: UpstreamConnection
+        var stats = UpstreamStats()
+    }
+
+    private struct State: Sendable {
+        /// In the order they were added.
+        var backends: [BackendEntry] = []
+        var workers: [Int: WorkerEntry] = [:]
+        /// The next ``BackendEntry/number``.
+        var nextNumber = 0
+        /// Set by ``run()``: health checkers of backends added later start at once.
+        var running = false
+        var stopped = false
+
+        func index(of backend: String) -> Int? { backends.firstIndex { $0.backend.name == backend } }
+
+        mutating func append(_ backend: Backend, connections: Int, workerIDs: [Int], passive: PassiveHealth, checker: HealthChecker? = nil) {
+            backends.append(
+                BackendEntry(
+                    backend: backend, number: nextNumber, connections: connections, workerIDs: workerIDs, passive: passive,
+                    checker: checker))
+            nextNumber += 1
+        }
+    }
+
+    /// - Parameters:
+    ///   - configuration: the pool's backends, health checks and policies.
+    ///   - backlog, queueTimeout: the server's, for this pool's balancer.
+    ///   - names: backend names taken by every pool (they are unique server-wide).
+    public init(
+        configuration: PoolConfiguration,
+        backlog: Int,
+        queueTimeout: Duration,
+        names: BackendNames = BackendNames(),
+        eventLoopGroup: any EventLoopGroup
+    ) throws {
+        precondition(configuration.kind == .upstream, "an UpstreamPool is an upstream pool")
+        self.configuration = configuration
+        self.eventLoopGroup = eventLoopGroup
+        self.names = names
+        self.upstreamConfiguration = UpstreamConfiguration(
+            connectTimeout: .milliseconds(configuration.connectTimeoutMilliseconds),
+            responseHeaderTimeout: .milliseconds(configuration.responseTimeoutMilliseconds)
         )
-        self.backends = backends
-        self.connectionsPerBackend = k
-        self.retries = configuration.upstreamRetries
-        self.failTimeout = .milliseconds(configuration.upstreamFailTimeoutMilliseconds)
-        self.hedging = configuration.upstreamHedging
+        let backends = try configuration.backends.map { try Backend(name: $0.name, url: $0.url) }
+        for backend in backends where !names.reserve(backend.name) {
+            throw ConfigurationError("pools: backend name \"\(backend.name)\" is used twice")
+        }
+        // Worker ids 0..<total, interleaved across backends.
+        var owners: [Int] = []
+        for round in 0..<(configuration.backends.map(\.connections).max() ?? 0) {
+            for (index, backend) in configuration.backends.enumerated() where backend.connections > round {
+                owners.append(index)
+            }
+        }
+        var balancerConfiguration = configuration.balancer(backlog: backlog, queueTimeout: queueTimeout)
+        balancerConfiguration.workers = owners.count
+        self.balancer = Balancer(configuration: balancerConfiguration)
+        self.hedging = configuration.hedging ?? ServerConfiguration().upstreamHedging
         self.hedgeStats = Mutex(HedgeStats(copies: max(hedging.maxCopies, hedging.maxReplicas)))
-        self.connections = (0..<backends.count * k).map { worker in
-            UpstreamConnection(
-                backend: backends[worker % backends.count], configuration: upstreamConfiguration,
-                eventLoop: eventLoopGroup.next())
+
+        let passive = PassiveHealth(maxFailures: configuration.maxFails, coolDown: .milliseconds(configuration.failTimeoutMilliseconds))
+        var state = State()
+        for (index, backend) in backends.enumerated() {
+            state.append(
+                backend, connections: configuration.backends[index].connections,
+                workerIDs: owners.indices.filter { owners[$0] == index }, passive: passive)
         }
-        self.balancer = Balancer(configuration: configuration.upstreamBalancer)
-        let passive = PassiveHealth(
-            maxFailures: configuration.upstreamMaxFails,
-            coolDown: .milliseconds(configuration.upstreamFailTimeoutMilliseconds)
-        )
-        self.state = Mutex(
-            State(
-                workers: Array(repeating: UpstreamStats(), count: backends.count * k),
-                retries: Array(repeating: 0, count: backends.count),
-                passive: Array(repeating: passive, count: backends.count),
-                ejections: Array(repeating: 0, count: backends.count)
+        for (worker, owner) in owners.enumerated() {
+            state.workers[worker] = WorkerEntry(
+                backend: backends[owner].name,
+                connection: UpstreamConnection(backend: backends[owner], configuration: upstreamConfiguration, eventLoop: eventLoopGroup.next())
             )
-        )
+        }
+        self.state = Mutex(state)
+        for index in backends.indices {
+            let checker = makeChecker(for: backends[index])
+            self.state.withLock { $0.backends[index].checker = checker }
+        }
     }
 
-    /// Index of the backend that worker `worker` belongs to.
-    func backendIndex(of worker: Int) -> Int { worker % backends.count }
+    // MARK: - Proxying
 
     /// What happened to one proxied request.
     public enum Outcome: Sendable {
@@ -95,7 +186,7 @@ public final class UpstreamPool: Sendable {
     /// - Parameters:
     ///   - body: the request body; `replayable` says whether it can be sent again
     ///     after a failure that may have consumed some of it.
-    ///   - writer: the client's side; ``ClientResponseWriter/headWritten`` tells
+    ///   - writer: the client's side; ``ClientResponseWriting/headWritten`` tells
     ///     whether an error can still be answered.
     public func proxy<Body: AsyncSequence & Sendable>(
         _ head: HTTPRequestHead,
@@ -142,8 +233,15 @@ public final class UpstreamPool: Sendable {
 
     /// Counts a retry against the backend named `backend`.
     func countRetry(on backend: String) {
-        if let index = backends.firstIndex(where: { $0.name == backend }) {
-            state.withLock { $0.retries[index] += 1 }
+        state.withLock { state in
+            if let index = state.index(of: backend) { state.backends[index].retries += 1 }
+        }
+    }
+
+    /// The ``BackendEntry/number`` of worker `worker`'s backend (-1 for none).
+    func backendIndex(of worker: Int) -> Int {
+        state.withLock { state in
+            state.workers[worker].flatMap { worker in state.index(of: worker.backend).map { state.backends[$0].number } } ?? -1
         }
     }
 
@@ -156,48 +254,286 @@ public final class UpstreamPool: Sendable {
         forwarding: ForwardedFor,
         to writer: some ClientResponseWriting
     ) async throws -> ForwardResult where Body.Element == ByteBuffer {
-        let index = backendIndex(of: worker)
+        // A worker is in the heap only after its entry exists (added down,
+        // marked up after), and its entry goes only after it left the balancer.
+        guard let connection = state.withLock({ $0.workers[worker]?.connection }) else {
+            throw UpstreamError(.closedBeforeRequestSent, backend: name, detail: "worker \(worker) has no connection")
+        }
         do {
-            let result = try await connections[worker].forward(head, body: body, forwarding: forwarding, to: writer)
+            let result = try await connection.forward(head, body: body, forwarding: forwarding, to: writer)
             state.withLock { state in
-                state.workers[worker].record(result)
-                state.passive[index].recordSuccess()
+                state.workers[worker]?.stats.record(result)
+                if let index = state.index(of: connection.backend.name) { state.backends[index].passive.recordSuccess() }
             }
             return result
         } catch {
             let eject = state.withLock { state -> Bool in
-                state.workers[worker].record(error)
-                guard error.kind.countsAgainstBackend else { return false }
-                let eject = state.passive[index].recordFailure()
-                if eject { state.ejections[index] += 1 }
-                return eject
+                state.workers[worker]?.stats.record(error)
+                guard error.kind.countsAgainstBackend, let index = state.index(of: connection.backend.name),
+                    state.backends[index].passive.recordFailure()
+                else { return false }
+                state.backends[index].ejections += 1
+                state.backends[index].generation += 1
+                return true
             }
-            if eject { await ejectBackend(index) }
+            if eject { await ejectBackend(connection.backend.name) }
             throw error
         }
     }
 
     /// The outcome of a forward that reached the client, naming its worker and backend.
     func forwarded(_ receipt: Receipt<ForwardResult>) -> Outcome {
-        let backend = backends[backendIndex(of: receipt.worker)].name
+        let backend = backendName(ofWorker: receipt.worker) ?? "?"
         return .forwarded(
             Served(worker: receipt.worker, backend: backend, queued: receipt.queued, ran: receipt.ran), receipt.value)
     }
 
-    /// Marks every worker of backend `index` down now, and up again after the fail timeout.
-    private func ejectBackend(_ index: Int) async {
-        let workers = workerIDs(of: index)
-        for worker in workers { await balancer.markDown(worker) }
-        let balancer = self.balancer
-        let failTimeout = self.failTimeout
+    /// Takes an ejected backend out now, and puts it back (if nothing else
+    /// keeps it out) when the cool-down ends.
+    private func ejectBackend(_ name: String) async {
+        await reconcile(name)
+        let coolDown = Duration.milliseconds(configuration.failTimeoutMilliseconds)
         Task {
-            try? await Task.sleep(for: failTimeout)
-            for worker in workers { await balancer.markUp(worker) }
+            try? await Task.sleep(for: coolDown)
+            self.changed(name) { _ in }
         }
     }
 
-    func workerIDs(of index: Int) -> StrideTo<Int> {
-        stride(from: index, to: backends.count * connectionsPerBackend, by: backends.count)
+    // MARK: - In or out of rotation
+
+    /// Applies `change` to backend `name`'s entry and brings its workers in
+    /// line with ``BackendEntry/inRotation(now:)``, in a new task.
+    private func changed(_ name: String, _ change: (inout BackendEntry) -> Void) {
+        state.withLock { state in
+            guard let index = state.index(of: name) else { return }
+            change(&state.backends[index])
+            state.backends[index].generation += 1
+        }
+        Task { await self.reconcile(name) }
+    }
+
+    /// Marks backend `name`'s workers up or down (or removes them) as its
+    /// entry says now. Concurrent calls may interleave their balancer calls;
+    /// each repeats until no change came in while it ran, so the last to
+    /// finish has applied the latest state.
+    func reconcile(_ name: String) async {
+        while true {
+            let plan = state.withLock { state -> (admin: AdminState, up: Bool, workers: [Int], generation: Int)? in
+                guard let index = state.index(of: name) else { return nil }
+                let entry = state.backends[index]
+                return (entry.admin, entry.inRotation(), entry.workerIDs, entry.generation)
+            }
+            guard let plan else { return }
+            for worker in plan.workers {
+                if plan.admin == .removing {
+                    await balancer.removeWorker(worker)
+                } else if plan.up {
+                    await balancer.markUp(worker)
+                } else {
+                    await balancer.markDown(worker)
+                }
+            }
+            let current = state.withLock { state in state.index(of: name).map { state.backends[$0].generation } }
+            if current == plan.generation { return }
+        }
+    }
+
+    // MARK: - Active health checks
+
+    private func makeChecker(for backend: Backend) -> HealthChecker? {
+        guard let health = configuration.health else { return nil }
+        return HealthChecker(backend: backend, configuration: health.checker, eventLoop: eventLoopGroup.next()) {
+            [weak self] transition in
+            self?.changed(transition.backend.name) { $0.healthUp = transition.isUp }
+        }
+    }
+
+    /// Runs every backend's active health checks (those added later start when
+    /// added) until graceful shutdown or cancellation.
+    public func run() async throws {
+        let checkers = state.withLock { state -> [HealthChecker] in
+            state.running = true
+            return state.backends.compactMap(\.checker)
+        }
+        for checker in checkers { startChecking(checker) }
+        try? await gracefulShutdown()
+        let tasks = state.withLock { state -> [Task<Void, Never>] in
+            state.stopped = true
+            return state.backends.compactMap(\.checkerTask)
+        }
+        for task in tasks { task.cancel() }
+    }
+
+    private func startChecking(_ checker: HealthChecker) {
+        let task = Task { _ = try? await checker.run() }
+        let keep = state.withLock { state -> Bool in
+            guard !state.stopped, let index = state.index(of: checker.backend.name) else { return false }
+            state.backends[index].checkerTask = task
+            return true
+        }
+        if !keep { task.cancel() }
+    }
+
+    // MARK: - Runtime changes (the admin API)
+
+    /// Why a runtime change was refused.
+    public enum ChangeError: Error, Sendable, Equatable {
+        case unknownBackend(String)
+        case unknownPool(String)
+        /// Another backend (in any pool) has the name.
+        case nameTaken(String)
+        /// The backend is being removed.
+        case removing(String)
+    }
+
+    /// Whether this pool has a backend `name`.
+    public func hasBackend(_ name: String) -> Bool {
+        state.withLock { $0.index(of: name) != nil }
+    }
+
+    /// Takes backend `name` out of rotation: its workers finish the request
+    /// each is running and take no new one.
+    public func drain(_ name: String) throws(ChangeError) {
+        try setAdmin(name, to: .draining)
+    }
+
+    /// Puts a drained backend back: its workers rejoin the heap when healthy.
+    public func ready(_ name: String) throws(ChangeError) {
+        try setAdmin(name, to: .ready)
+    }
+
+    private func setAdmin(_ name: String, to admin: AdminState) throws(ChangeError) {
+        let result = state.withLock { state -> Result<Void, ChangeError> in
+            guard let index = state.index(of: name) else { return .failure(.unknownBackend(name)) }
+            if state.backends[index].admin == .removing { return .failure(.removing(name)) }
+            return .success(())
+        }
+        try result.get()
+        changed(name) { $0.admin = admin }
+    }
+
+    /// Adds a backend with `connections` workers; they join the heap at once
+    /// (its health check, if any, starts with it up, as HAProxy's do). The
+    /// workers start down and are tied to their connections before the
+    /// backend is listed and marked up.
+    public func add(_ configuration: BackendConfiguration) async throws {
+        let backend = try Backend(name: configuration.name, url: configuration.url)
+        guard names.reserve(backend.name) else { throw ChangeError.nameTaken(backend.name) }
+        var workers: [Int] = []
+        for _ in 0..<configuration.connections {
+            let id = await balancer.addWorker(down: true)
+            let connection = UpstreamConnection(backend: backend, configuration: upstreamConfiguration, eventLoop: eventLoopGroup.next())
+            state.withLock { $0.workers[id] = WorkerEntry(backend: backend.name, connection: connection) }
+            workers.append(id)
+        }
+        let checker = makeChecker(for: backend)
+        let passive = PassiveHealth(maxFailures: self.configuration.maxFails, coolDown: .milliseconds(self.configuration.failTimeoutMilliseconds))
+        let start = state.withLock { state -> Bool in
+            state.append(backend, connections: configuration.connections, workerIDs: workers, passive: passive, checker: checker)
+            return state.running && !state.stopped
+        }
+        if start, let checker { startChecking(checker) }
+        await reconcile(backend.name)
+    }
+
+    /// Removes backend `name`: its workers leave the heap now (a request queued
+    /// on one goes back to the backlog and on to another backend), each leaves
+    /// the pool when its running request ends, and then the backend is gone.
+    /// Returns at once; ``backendsJSON()`` shows it `removing` until then.
+    public func remove(_ name: String) throws(ChangeError) {
+        let result = state.withLock { state -> Result<Task<Void, Never>?, ChangeError> in
+            guard let index = state.index(of: name) else { return .failure(.unknownBackend(name)) }
+            if state.backends[index].admin == .removing { return .failure(.removing(name)) }
+            return .success(state.backends[index].checkerTask)
+        }
+        try result.get()?.cancel()
+        changed(name) { $0.admin = .removing }
+        Task { await self.finishRemoving(name) }
+    }
+
+    /// Waits until backend `name`'s workers have left the balancer, then
+    /// closes their connections and forgets the backend and its name.
+    private func finishRemoving(_ name: String) async {
+        await reconcile(name)
+        let ids = Set(state.withLock { state in state.index(of: name).map { state.backends[$0].workerIDs } ?? [] })
+        while true {
+            let stats = await balancer.stats()
+            if stats.shuttingDown || !stats.workers.contains(where: { ids.contains($0.id) }) { break }
+            try? await Task.sleep(for: .milliseconds(20))
+        }
+        let connections = state.withLock { state -> [UpstreamConnection] in
+            if let index = state.index(of: name) { state.backends.remove(at: index) }
+            return ids.compactMap { state.workers.removeValue(forKey: $0)?.connection }
+        }
+        names.release(name)
+        for connection in connections { await connection.close() }
+    }
+
+    // MARK: - Stats
+
+    /// The backend of worker `id`, if it is one of this pool's.
+    public func backendName(ofWorker id: Int) -> String? {
+        state.withLock { $0.workers[id]?.backend }
+    }
+
+    /// The pool's backends for `GET /admin/backends`: name, URL, connections,
+    /// admin state, health, pending.
+    public func backendsJSON() async -> [JSONValue] {
+        let snapshot = await balancer.stats()
+        return state.withLock { state in
+            state.backends.map { backendJSON($0, snapshot: snapshot, now: .now) }
+        }
+    }
+
+    /// The state shown for a backend: `ready`, `draining` (requests still
+    /// running), `drained`, `removing`, and `down` for a ready backend that
+    /// health keeps out.
+    private func shownState(_ entry: BackendEntry, pending: Int, now: ContinuousClock.Instant) -> String {
+        switch entry.admin {
+        case .ready: entry.inRotation(now: now) ? "ready" : "down"
+        case .draining: pending > 0 ? "draining" : "drained"
+        case .removing: "removing"
+        }
+    }
+
+    private func backendJSON(_ entry: BackendEntry, snapshot: BalancerStats, now: ContinuousClock.Instant) -> JSONValue {
+        let ids = Set(entry.workerIDs)
+        let pending = snapshot.workers.reduce(0) { $0 + (ids.contains($1.id) ? $1.pending : 0) }
+        var fields: [(key: String, value: JSONValue)] = [
+            ("pool", .string(name)),
+            ("name", .string(entry.backend.name)), ("url", .string(entry.backend.url)),
+            ("connections", JSONValue(entry.connections)),
+            ("state", .string(shownState(entry, pending: pending, now: now))),
+            ("pending", JSONValue(pending)),
+            ("ejected", .bool(entry.passive.isEjected(now: now))),
+            ("retries", JSONValue(entry.retries)), ("ejections", JSONValue(entry.ejections)),
+        ]
+        if let checker = entry.checker {
+            fields.append(("health", Self.healthJSON(checker.status, now: now)))
+        }
+        return .object(JSONObject(fields))
+    }
+
+    private static func healthJSON(_ status: HealthChecker.Status, now: ContinuousClock.Instant) -> JSONValue {
+        var fields: [(key: String, value: JSONValue)] = [
+            ("state", .string(status.isUp ? "up" : "down")), ("checks", JSONValue(status.checks)),
+        ]
+        if let last = status.lastCheck {
+            fields.append(
+                (
+                    "last_check",
+                    .object(
+                        JSONObject([
+                            ("age_ms", JSONValue((now - last.startedAt).milliseconds)),
+                            ("status", last.status.map { JSONValue(Int($0.code)) } ?? .null),
+                            ("result", .string(last.failure ?? "ok")),
+                            ("latency_us", JSONValue(last.latency.microseconds)),
+                        ])
+                    )
+                )
+            )
+        }
+        return .object(JSONObject(fields))
     }
 
     /// Per-backend and per-worker figures for `/stats`, joined with the balancer's own.
@@ -205,18 +541,25 @@ public final class UpstreamPool: Sendable {
     /// - Parameter latency: with metrics on, each worker and the pool get `latency_us`.
     func statsJSON(latency: StatsRendering.Latency? = nil) async -> JSONValue {
         let snapshot = await balancer.stats()
-        let (workers, retries, ejections) = state.withLock { ($0.workers, $0.retries, $0.ejections) }
-        let byID = Dictionary(uniqueKeysWithValues: snapshot.workers.map { ($0.id, $0) })
+        let now = ContinuousClock.now
+        let (backends, workers) = state.withLock { ($0.backends, $0.workers) }
+        let entries = Dictionary(uniqueKeysWithValues: backends.map { ($0.backend.name, $0) })
         var items: [JSONValue] = []
-        for (id, figures) in workers.enumerated() {
-            let backend = backends[backendIndex(of: id)]
-            let core = byID[id]
+        for core in snapshot.workers {
+            guard let worker = workers[core.id], let entry = entries[worker.backend] else { continue }
+            let figures = worker.stats
+            var shown = core.state.rawValue
+            switch entry.admin {
+            case .draining: shown = core.pending > 0 ? "draining" : "drained"
+            case .removing: shown = "removing"
+            case .ready: break
+            }
             var fields: [(key: String, value: JSONValue)] = [
-                ("id", JSONValue(id)),
-                ("backend", .string(backend.name)),
-                ("url", .string(backend.url)),
-                ("state", .string(core?.state.rawValue ?? "gone")),
-                ("pending", JSONValue(core?.pending ?? 0)),
+                ("id", JSONValue(core.id)),
+                ("backend", .string(entry.backend.name)),
+                ("url", .string(entry.backend.url)),
+                ("state", .string(shown)),
+                ("pending", JSONValue(core.pending)),
                 ("requests", JSONValue(figures.responses + figures.errorCount)),
                 (
                     "responses",
@@ -236,25 +579,21 @@ public final class UpstreamPool: Sendable {
                 ("bytes_in", JSONValue(figures.bytesIn)),
                 ("bytes_out", JSONValue(figures.bytesOut)),
             ]
-            if let estimate = core?.latencyEstimate {
+            if let estimate = core.latencyEstimate {
                 fields.append(("latency_estimate_us", JSONValue(estimate.microseconds)))
             }
-            if let latency { fields.append(("latency_us", StatsRendering.latencyJSON(latency, worker: id))) }
+            if let checker = entry.checker {
+                fields.append(("health", Self.healthJSON(checker.status, now: now)))
+            }
+            if let latency { fields.append(("latency_us", StatsRendering.latencyJSON(latency, worker: core.id))) }
             items.append(.object(JSONObject(fields)))
-        }
-        let backendItems: [JSONValue] = backends.enumerated().map { index, backend in
-            .object(
-                JSONObject([
-                    ("name", .string(backend.name)), ("url", .string(backend.url)),
-                    ("connections", JSONValue(connectionsPerBackend)),
-                    ("retries", JSONValue(retries[index])), ("ejections", JSONValue(ejections[index])),
-                ])
-            )
         }
         let pool: JSONValue = .object(
             JSONObject([
+                ("name", .string(name)),
+                ("route", configuration.route.map { .string($0) } ?? .null),
                 ("strategy", .string(snapshot.strategy.rawValue)),
-                ("backends", .array(backendItems)),
+                ("backends", .array(backends.map { backendJSON($0, snapshot: snapshot, now: now) })),
                 ("workers", .array(items)),
                 (
                     "queue",
@@ -278,6 +617,19 @@ public final class UpstreamPool: Sendable {
     }
 }
 
+/// Backend names in use across every pool of a server: the admin API names a
+/// backend by itself, so no two pools may share one.
+public final class BackendNames: Sendable {
+    private let names = Mutex<Set<String>>([])
+
+    public init() {}
+
+    /// Takes `name`; false if it is taken.
+    func reserve(_ name: String) -> Bool { names.withLock { $0.insert(name).inserted } }
+
+    func release(_ name: String) { _ = names.withLock { $0.remove(name) } }
+}
+
 /// The client's side of a proxied exchange: a ``ProxyResponseWriter`` that
 /// also tells whether the response head has gone out.
 public protocol ClientResponseWriting: ProxyResponseWriter {
@@ -293,6 +645,23 @@ extension UpstreamError.Kind {
         switch self {
         case .clientAborted: false
         default: true
+        }
+    }
+}
+
+extension UpstreamPool {
+    /// The upstream pools of `configuration.effectivePools`, in order, with
+    /// the server's backlog and queue timeout.
+    public static func pools(of configuration: ServerConfiguration, eventLoopGroup: any EventLoopGroup) throws -> [UpstreamPool] {
+        let names = BackendNames()
+        return try configuration.effectivePools.filter { $0.kind == .upstream }.map { pool in
+            try UpstreamPool(
+                configuration: pool,
+                backlog: configuration.backlog,
+                queueTimeout: .milliseconds(configuration.queueTimeoutMilliseconds),
+                names: names,
+                eventLoopGroup: eventLoopGroup
+            )
         }
     }
 }

@@ -23,7 +23,7 @@ func withProxy<T: Sendable>(
         configuration.connectionsPerUpstream = 4
         configure(&configuration)
     }) { server in
-        try await body(server, try #require(server.server.upstream))
+        try await body(server, try #require(server.server.upstreams.first))
     }
 }
 
@@ -64,7 +64,7 @@ struct UpstreamPoolTests {
 
             // The server's own paths stay the server's.
             let stats = try await request(server.url("/stats"))
-            let upstream = try #require(try stats.json["upstream"] as? [String: any Sendable])
+            let upstream = try #require((try stats.json["pools"] as? [[String: any Sendable]])?.first)
             let workers = try #require(upstream["workers"] as? [[String: any Sendable]])
             #expect(workers.count == 4)
             #expect(workers.reduce(0) { $0 + ($1["requests"] as? Int ?? 0) } == 4)
@@ -113,7 +113,7 @@ struct UpstreamPoolTests {
             #expect(statuses.count == 320)
             #expect(statuses.allSatisfy { $0 == 200 }, "statuses other than 200: \(statuses.filter { $0 != 200 })")
             let stats = try await request(server.url("/stats"))
-            let pool = try #require(try stats.json["upstream"] as? [String: any Sendable])
+            let pool = try #require((try stats.json["pools"] as? [[String: any Sendable]])?.first)
             let backends = try #require(pool["backends"] as? [[String: any Sendable]])
             #expect((backends[1]["ejections"] as? Int ?? 0) >= 1, "the dead backend was ejected: \(backends)")
             _ = upstream
@@ -162,7 +162,7 @@ struct UpstreamPoolTests {
                 #expect(["no_healthy_backend", "unavailable"].contains(result.errorCode ?? ""), "\(result.text)")
             }
             let stats = try await request(server.url("/stats"))
-            let pool = try #require(try stats.json["upstream"] as? [String: any Sendable])
+            let pool = try #require((try stats.json["pools"] as? [[String: any Sendable]])?.first)
             let workers = try #require(pool["workers"] as? [[String: any Sendable]])
             #expect(workers.allSatisfy { $0["state"] as? String == "down" })
         }

@@ -23,6 +23,7 @@ import Synchronization
 /// - `/status?code=C`: answers status `C`.
 /// - `/delayed`: answers `port <port>` after the backend's `responseDelay`;
 ///   a connection closed while it waits is counted in ``disconnectsWhileDelayed``.
+/// - `/healthz`: 200 while ``isHealthy`` (settable), else 503; counted in ``healthChecks``.
 /// Every response carries `x-connection-id`, the number of the TCP connection.
 ///
 /// `.garbage` answers any bytes with bytes that are not HTTP; `.neverAccept`
@@ -40,6 +41,8 @@ final class UpstreamTestBackend: Sendable {
     private let accepted: Atomic<Int>
     private let written: Atomic<Int>
     private let sinkReceived = Atomic<Int>(0)
+    private let healthy = Atomic<Bool>(true)
+    private let healthCount = Atomic<Int>(0)
     private let socketBytes: SocketWriteCounter.Total
     private let unserved: Unserved
     private let children: Mutex<[ObjectIdentifier: any Channel]>
@@ -47,6 +50,13 @@ final class UpstreamTestBackend: Sendable {
 
     /// TCP connections accepted so far.
     var connectionsAccepted: Int { accepted.load(ordering: .relaxed) }
+    /// `/healthz` requests answered so far.
+    var healthChecks: Int { healthCount.load(ordering: .relaxed) }
+    /// Whether `/healthz` answers 200 (else 503).
+    var isHealthy: Bool {
+        get { healthy.load(ordering: .relaxed) }
+        set { healthy.store(newValue, ordering: .relaxed) }
+    }
     /// Request body bytes `/sink` has read so far.
     var bytesReceivedBySink: Int { sinkReceived.load(ordering: .relaxed) }
     /// Response body bytes handed to the async writer by `/bytes`.
@@ -324,6 +334,15 @@ final class UpstreamTestBackend: Sendable {
             try await outbound.write(contentsOf: [
                 .head(HTTPResponseHead(version: .http1_1, status: .ok, headers: headers)),
                 .body(.byteBuffer(ByteBuffer(string: "hop"))), .end(nil),
+            ])
+            return true
+        case "/healthz":
+            try await Self.drain(&requests)
+            healthCount.add(1, ordering: .relaxed)
+            headers.add(name: "content-length", value: "0")
+            try await outbound.write(contentsOf: [
+                .head(HTTPResponseHead(version: .http1_1, status: isHealthy ? .ok : .serviceUnavailable, headers: headers)),
+                .end(nil),
             ])
             return true
         case "/delayed":
