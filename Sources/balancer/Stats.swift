@@ -181,15 +181,15 @@ struct StatsView {
             }
             lines.append("latency " + parts.joined(separator: "   "))
         }
-        if let upstream = stats["upstream"] {
+        for pool in stats["pools"]?.array ?? [] {
             lines.append("")
-            lines.append(contentsOf: upstreamLines(upstream))
+            lines.append(contentsOf: upstreamLines(pool))
         }
         return lines
     }
 
     private func upstreamLines(_ upstream: JSONValue) -> [String] {
-        var lines = ["upstream  " + (upstream["strategy"]?.string ?? "")]
+        var lines = ["pool " + (upstream["name"]?.string ?? "?") + "  " + (upstream["strategy"]?.string ?? "")]
         lines.append(
             "worker  backend               state     " + "pending".padding(toLength: Self.barWidth + 4, withPad: " ", startingAt: 0)
                 + "   requests        2xx        4xx        5xx     errors"

@@ -93,7 +93,7 @@ struct CommandLineClientTests {
             let (status, output) = try await runBalancer(["stats", "--url", "http://127.0.0.1:\(server.port)"])
             #expect(status == 0, "\(output)")
             let lines = output.split(separator: "\n").map(String.init)
-            let start = try #require(lines.firstIndex(of: "upstream  least-loaded"), "\(output)")
+            let start = try #require(lines.firstIndex(of: "pool upstream  least-loaded"), "\(output)")
             let workers = lines[start...].filter { $0.hasPrefix("     0  backend1  ") || $0.hasPrefix("     1  backend1  ") }
             #expect(workers.count == 2, "\(output)")
             // One request, answered 503: requests 1, 5xx 1 on the worker that took it.

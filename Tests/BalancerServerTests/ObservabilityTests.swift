@@ -250,10 +250,10 @@ struct ObservabilityTests {
             // The forward is timed when the worker finishes, just after the client has its answer.
             #expect(
                 try await eventually {
-                    let upstream = try await request(server.url("/stats")).json["upstream"] as? [String: Any]
+                    let upstream = (try await request(server.url("/stats")).json["pools"] as? [[String: Any]])?.first
                     return (try? latency(upstream?["latency_us"]))?["total"]?["count"] == 6
                 })
-            let upstream = try #require(try await request(server.url("/stats")).json["upstream"] as? [String: Any])
+            let upstream = try #require((try await request(server.url("/stats")).json["pools"] as? [[String: Any]])?.first)
             expectOrdered(try latency(upstream["latency_us"]))
             let workers = try #require(upstream["workers"] as? [[String: Any]])
             #expect(workers.count == 4)

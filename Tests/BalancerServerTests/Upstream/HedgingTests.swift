@@ -21,7 +21,7 @@ private struct HedgeFigures: Equatable, CustomStringConvertible {
 
     static func read(_ server: TestServer) async throws -> HedgeFigures {
         let stats = try await request(server.url("/stats"))
-        let upstream = try #require(try stats.json["upstream"] as? [String: any Sendable])
+        let upstream = try #require((try stats.json["pools"] as? [[String: any Sendable]])?.first)
         let hedging = try #require(upstream["hedging"] as? [String: any Sendable])
         let workers = try #require(upstream["workers"] as? [[String: any Sendable]])
         let backends = try #require(upstream["backends"] as? [[String: any Sendable]])
