@@ -112,6 +112,7 @@ extension ServerConfiguration {
         .int64("upstream_response_timeout_ms", "time for a backend's response head (504 after), ms", \.upstreamResponseTimeoutMilliseconds, range: 1...3_600_000),
         .int64("upstream_hedge_after_ms", "copy an idempotent request to another backend after this long without a response head, ms; 0 = off", \.upstreamHedgeAfterMilliseconds, range: 0...3_600_000),
         .int("upstream_hedge_max", "most copies of one hedged request, the first included", \.upstreamHedgeMax, range: 1...16),
+        .int("upstream_hedge_budget_percent", "timed hedge copies per 100 requests that could be hedged, at most", \.upstreamHedgeBudgetPercent, range: 1...100),
         .int("upstream_max_replicas", "most copies X-Balancer-Replicas may ask for (capped above); 1 forbids the header", \.upstreamMaxReplicas, range: 1...16),
         .bool("metrics", "latency histograms in /stats and GET /metrics (off: not recorded)", \.metrics),
         .bool("access_log", "one JSON line per answered request on stdout", \.accessLog),

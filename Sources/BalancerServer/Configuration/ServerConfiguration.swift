@@ -65,6 +65,8 @@ public struct ServerConfiguration: Sendable, Equatable {
     public var upstreamHedgeAfterMilliseconds: Int64 = 0
     /// Hedging: most copies of one request in all, the first included.
     public var upstreamHedgeMax = 2
+    /// Hedging: timed copies per 100 requests that could be hedged, at most.
+    public var upstreamHedgeBudgetPercent = 10
     /// Most copies a client may ask for with `X-Balancer-Replicas` (more are
     /// capped to this); 1 forbids the header (400).
     public var upstreamMaxReplicas = 2

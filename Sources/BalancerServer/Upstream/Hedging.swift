@@ -17,6 +17,12 @@ import Synchronization
 ///   as the one before it is on a worker), and no timed ones. N is capped at
 ///   `maxReplicas`; when that is 1 the header is refused with 400.
 ///
+/// Timed copies are also held to a budget, as Finagle's backup requests
+/// are (`maxExtraLoad`): at most `budgetPercent` copies per 100 requests
+/// that could be hedged, with a burst of ``HedgeBudget/burst`` copies, so a
+/// pool whose backends all slow down is not sent twice its load. Copies a
+/// client asks for are not held to it (the cap is `maxReplicas`).
+///
 /// Every copy after the first runs only on spare capacity: on the least-loaded
 /// worker with room whose backend no other copy of the request uses
 /// (``Balancer/submitOnWorker(ifRoomAmong:_:)``); it never waits in the
@@ -37,11 +43,14 @@ public struct HedgePolicy: Sendable, Hashable {
     public var maxCopies: Int
     /// Most copies `X-Balancer-Replicas` may ask for; 1 forbids the header.
     public var maxReplicas: Int
+    /// Timed copies per 100 requests that could be hedged, at most.
+    public var budgetPercent: Int
 
-    public init(after: Duration?, maxCopies: Int, maxReplicas: Int) {
+    public init(after: Duration?, maxCopies: Int, maxReplicas: Int, budgetPercent: Int = 10) {
         self.after = after
         self.maxCopies = maxCopies
         self.maxReplicas = maxReplicas
+        self.budgetPercent = budgetPercent
     }
 
     /// The request header that asks for copies at once.
@@ -82,7 +91,8 @@ extension ServerConfiguration {
         HedgePolicy(
             after: upstreamHedgeAfterMilliseconds > 0 ? .milliseconds(upstreamHedgeAfterMilliseconds) : nil,
             maxCopies: upstreamHedgeMax,
-            maxReplicas: upstreamMaxReplicas
+            maxReplicas: upstreamMaxReplicas,
+            budgetPercent: upstreamHedgeBudgetPercent
         )
     }
 }
@@ -111,6 +121,8 @@ struct HedgeStats: Sendable, Equatable {
     var cancelledLosers = 0
     /// Copies due that found no worker with room on another backend.
     var skipped = 0
+    /// Timed copies due that the budget did not allow.
+    var overBudget = 0
 
     init(copies: Int) { winsByCopy = Array(repeating: 0, count: copies) }
 
@@ -122,9 +134,47 @@ struct HedgeStats: Sendable, Equatable {
                 ("wins_by_copy", .array(winsByCopy.map { JSONValue($0) })),
                 ("cancelled_losers", JSONValue(cancelledLosers)),
                 ("skipped", JSONValue(skipped)),
+                ("over_budget", JSONValue(overBudget)),
             ])
         )
     }
+}
+
+/// The pool's allowance of timed copies: a token bucket in hundredths of a
+/// copy. Every request that could be hedged adds `percent`; a timed copy
+/// takes 100. It starts full.
+final class HedgeBudget: Sendable {
+    /// Copies the bucket holds at most: the burst after a quiet spell.
+    static let burst = 10
+    private let percent: Int
+    private let tokens = Atomic<Int>(HedgeBudget.burst * 100)
+
+    init(percent: Int) { self.percent = percent }
+
+    /// A request that could be hedged arrived.
+    func deposit() {
+        var current = tokens.load(ordering: .relaxed)
+        while current < Self.burst * 100 {
+            let next = min(current + percent, Self.burst * 100)
+            let (exchanged, original) = tokens.compareExchange(expected: current, desired: next, ordering: .relaxed)
+            if exchanged { return }
+            current = original
+        }
+    }
+
+    /// Takes one copy's worth; false (taking nothing) when there is not enough.
+    func withdraw() -> Bool {
+        var current = tokens.load(ordering: .relaxed)
+        while current >= 100 {
+            let (exchanged, original) = tokens.compareExchange(expected: current, desired: current - 100, ordering: .relaxed)
+            if exchanged { return true }
+            current = original
+        }
+        return false
+    }
+
+    /// Gives back a copy's worth that was not used.
+    func refund() { tokens.add(100, ordering: .relaxed) }
 }
 
 /// One hedged request's copies: who won, which backends are in use, and the
@@ -250,6 +300,7 @@ extension UpstreamPool {
         to writer: some ClientResponseWriting
     ) async -> Outcome where Body.Element == ByteBuffer {
         let race = HedgeRace()
+        if after != nil { hedgeBudget.deposit() }
         let (events, sink) = AsyncStream.makeStream(of: HedgeEvent.self)
         defer { sink.finish() }
 
@@ -293,6 +344,9 @@ extension UpstreamPool {
             var copiesDue = atOnce - 1
             var hedgesStarted = 0
             var skipped = 0
+            var overBudget = 0
+            /// Timed copies launched, whose budget is given back if they find no room.
+            var timedIDs: Set<Int> = []
             var retriesLeft = retries
             var lastError: UpstreamError?
             var outcome: Outcome?
@@ -337,7 +391,12 @@ extension UpstreamPool {
                 case .timer:
                     timer = nil
                     if race.winner == nil && outcome == nil && unstarted.isEmpty && 1 + hedgesStarted < maxCopies {
-                        start(spare: true)
+                        if hedgeBudget.withdraw() {
+                            timedIDs.insert(nextID)
+                            start(spare: true)
+                        } else {
+                            overBudget += 1
+                        }
                     }
                 case .finished(let id, let receipt, let error):
                     inFlight -= 1
@@ -351,6 +410,7 @@ extension UpstreamPool {
                         {
                             // No spare worker on another backend: try again after the delay.
                             skipped += 1
+                            if timedIDs.contains(id) { hedgeBudget.refund() }
                             if inFlight > 0 { armTimer() }
                         } else {
                             switch error {
@@ -386,7 +446,7 @@ extension UpstreamPool {
                 }
                 if outcome != nil && inFlight == 0 { break }
             }
-            recordHedge(race: race, hedgesStarted: hedgesStarted, skipped: skipped)
+            recordHedge(race: race, hedgesStarted: hedgesStarted, skipped: skipped, overBudget: overBudget)
             return outcome ?? .abort
         } onCancel: {
             race.cancelAll()
@@ -394,10 +454,11 @@ extension UpstreamPool {
     }
 
     /// Adds one request's figures to the pool's hedging stats.
-    private func recordHedge(race: HedgeRace, hedgesStarted: Int, skipped: Int) {
-        guard hedgesStarted > 0 || skipped > 0 else { return }
+    private func recordHedge(race: HedgeRace, hedgesStarted: Int, skipped: Int, overBudget: Int) {
+        guard hedgesStarted > 0 || skipped > 0 || overBudget > 0 else { return }
         hedgeStats.withLock { stats in
             stats.skipped += skipped
+            stats.overBudget += overBudget
             guard hedgesStarted > 0 else { return }
             stats.hedgedRequests += 1
             stats.copiesSent += hedgesStarted

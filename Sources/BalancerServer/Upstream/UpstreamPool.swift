@@ -38,6 +38,7 @@ public final class UpstreamPool: Service, Sendable {
     /// When requests are copied to other backends (see ``HedgePolicy``).
     public let hedging: HedgePolicy
     let hedgeStats: Mutex<HedgeStats>
+    let hedgeBudget: HedgeBudget
     private let eventLoopGroup: any EventLoopGroup
     private let upstreamConfiguration: UpstreamConfiguration
     private let names: BackendNames
@@ -146,6 +147,7 @@ public final class UpstreamPool: Service, Sendable {
         self.balancer = Balancer(configuration: balancerConfiguration)
         self.hedging = configuration.hedging ?? ServerConfiguration().upstreamHedging
         self.hedgeStats = Mutex(HedgeStats(copies: max(hedging.maxCopies, hedging.maxReplicas)))
+        self.hedgeBudget = HedgeBudget(percent: hedging.budgetPercent)
 
         let passive = PassiveHealth(maxFailures: configuration.maxFails, coolDown: .milliseconds(configuration.failTimeoutMilliseconds))
         var state = State()

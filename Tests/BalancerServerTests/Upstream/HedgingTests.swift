@@ -16,6 +16,7 @@ private struct HedgeFigures: Equatable, CustomStringConvertible {
     var wins: [Int] = []
     var losers = 0
     var skipped = 0
+    var overBudget = 0
     var pending: [Int] = []
     var retries: [Int] = []
 
@@ -31,13 +32,15 @@ private struct HedgeFigures: Equatable, CustomStringConvertible {
             wins: hedging["wins_by_copy"] as? [Int] ?? [],
             losers: hedging["cancelled_losers"] as? Int ?? -1,
             skipped: hedging["skipped"] as? Int ?? -1,
+            overBudget: hedging["over_budget"] as? Int ?? -1,
             pending: workers.map { $0["pending"] as? Int ?? -1 },
             retries: backends.map { $0["retries"] as? Int ?? -1 }
         )
     }
 
     var description: String {
-        "hedged \(hedged) copies \(copies) wins \(wins) losers \(losers) skipped \(skipped) pending \(pending) retries \(retries)"
+        "hedged \(hedged) copies \(copies) wins \(wins) losers \(losers) skipped \(skipped) over budget \(overBudget) "
+            + "pending \(pending) retries \(retries)"
     }
 }
 
@@ -67,7 +70,8 @@ struct HedgingTests {
 
             let figures = try await settled(server)
             #expect(figures.pending.allSatisfy { $0 == 0 }, "\(figures)")
-            #expect(figures.hedged == 1 && figures.copies == 1 && figures.losers == 1 && figures.skipped == 0, "\(figures)")
+            #expect(figures.hedged == 1 && figures.copies == 1 && figures.losers == 1, "\(figures)")
+            #expect(figures.skipped == 0 && figures.overBudget == 0, "\(figures)")
             #expect(figures.wins == [0, 1], "the second copy won: \(figures)")
             #expect(figures.retries == [0, 0])
             #expect(try await eventually { slow.disconnectsWhileDelayed == 1 }, "the loser's connection was closed")
@@ -169,6 +173,23 @@ struct HedgingTests {
             #expect(figures.hedged == 1 && figures.copies == 1 && figures.losers == 0, "nobody won: \(figures)")
             #expect(figures.wins == [0, 0])
         }
+    }
+
+    @Test("the budget allows a burst of copies, then percent copies per 100 requests, and takes back unused ones")
+    func budget() {
+        let budget = HedgeBudget(percent: 10)
+        for _ in 0..<HedgeBudget.burst { #expect(budget.withdraw()) }
+        #expect(!budget.withdraw(), "the burst is spent")
+        for _ in 0..<9 { budget.deposit() }
+        #expect(!budget.withdraw(), "9 requests at 10% are 0.9 copies")
+        budget.deposit()
+        #expect(budget.withdraw(), "10 requests at 10% are one copy")
+        #expect(!budget.withdraw())
+        budget.refund()
+        #expect(budget.withdraw(), "a copy that found no room is given back")
+        for _ in 0..<1_000 { budget.deposit() }
+        for _ in 0..<HedgeBudget.burst { #expect(budget.withdraw()) }
+        #expect(!budget.withdraw(), "deposits stop at the burst")
     }
 
     @Test("which requests are copied, and how the header is read", arguments: [
