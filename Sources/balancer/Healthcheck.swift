@@ -4,8 +4,9 @@ import BalancerServer
 /// `balancer healthcheck`: GET /healthz on the local server; exit 0 if it
 /// answers 200, 1 otherwise. For a container's HEALTHCHECK, where there is no curl.
 ///
-/// The port comes from the same layers as `serve` (flag, BALANCER_PORT, the
-/// BALANCER_CONFIG file), so it finds the server that the container runs.
+/// The port comes from the same layers as `serve` (flag, BALANCER_PORT or
+/// BALANCER_ADMIN_PORT, the BALANCER_CONFIG file), so it finds the server
+/// that the container runs: the admin port when one is set.
 struct Healthcheck: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Check that the local server answers GET /healthz with 200 (exit 0), else exit 1."
@@ -40,7 +41,8 @@ struct Healthcheck: AsyncParsableCommand {
             case "::", "[::]": "::1"
             case let host: host
             }
-        let port = configuration.port
+        // With admin_port, /healthz is on the admin listener; --port still picks any port.
+        let port = self.port == nil ? configuration.adminPort ?? configuration.port : configuration.port
         let address = target.contains(":") ? "[\(target)]:\(port)" : "\(target):\(port)"
         let client: HTTPClient
         do {
