@@ -453,8 +453,10 @@ public final class UpstreamPool: Service, Sendable {
         Task { await self.finishRemoving(name) }
     }
 
-    /// Waits until backend `name`'s workers have left the balancer, then
-    /// closes their connections and forgets the backend and its name.
+    /// Waits until backend `name`'s workers have left the balancer (or it
+    /// shuts down), then forgets the backend, its name and its connections.
+    /// A connection closes when its last user lets it go (``UpstreamConnection``'s
+    /// deinit), so one still forwarding at shutdown is never closed under it.
     private func finishRemoving(_ name: String) async {
         await reconcile(name)
         let ids = Set(state.withLock { state in state.index(of: name).map { state.backends[$0].workerIDs } ?? [] })
@@ -463,12 +465,11 @@ public final class UpstreamPool: Service, Sendable {
             if stats.shuttingDown || !stats.workers.contains(where: { ids.contains($0.id) }) { break }
             try? await Task.sleep(for: .milliseconds(20))
         }
-        let connections = state.withLock { state -> [UpstreamConnection] in
+        state.withLock { state in
             if let index = state.index(of: name) { state.backends.remove(at: index) }
-            return ids.compactMap { state.workers.removeValue(forKey: $0)?.connection }
+            for id in ids { state.workers.removeValue(forKey: id) }
         }
         names.release(name)
-        for connection in connections { await connection.close() }
     }
 
     // MARK: - Stats
