@@ -33,9 +33,10 @@ public struct PoolConfiguration: Sendable, Equatable {
     public var responseTimeoutMilliseconds: Int64 = 30_000
     /// How the pool's balancer picks a connection.
     public var strategy = Strategy.leastLoaded
-    /// When requests are copied to other backends; `nil` in `pools`: the
-    /// top-level `upstream_hedge_*` and `upstream_max_replicas` settings
-    /// (``ServerConfiguration/effectivePools`` fills them in).
+    /// When requests are copied to other backends: the pool's `hedge` object;
+    /// `nil` when it has none: the top-level `upstream_hedge_*` and
+    /// `upstream_max_replicas` settings (``ServerConfiguration/effectivePools``
+    /// fills them in).
     public var hedging: HedgePolicy?
 
     public init(name: String = "", kind: Kind = .upstream, route: String? = nil, backends: [BackendConfiguration] = []) {
@@ -127,6 +128,14 @@ public struct PoolConfiguration: Sendable, Equatable {
             },
             get: { .string($0.strategy.rawValue) }
         ),
+        .custom(
+            "hedge",
+            set: { (pool, json, path) throws(ConfigurationError) in
+                pool.hedging = try ObjectKey.decode(
+                    json, keys: HedgePolicy.keys, into: ServerConfiguration().upstreamHedging, path: path)
+            },
+            get: { $0.hedging.map { ObjectKey.encode($0, keys: HedgePolicy.keys) } }
+        ),
     ]
 
     /// Parses one pool object; `path` names it in messages (`pools[1]`).
@@ -141,6 +150,9 @@ public struct PoolConfiguration: Sendable, Equatable {
             }
             if !backends.isEmpty || health != nil {
                 throw ConfigurationError("\(path): a jobs pool has no backends or health checks (its workers are the top-level \"workers\")")
+            }
+            if hedging != nil {
+                throw ConfigurationError("\(path).hedge: only an upstream pool's requests are hedged (a job may ask for \"replicas\")")
             }
         }
     }

@@ -85,6 +85,31 @@ public struct HedgePolicy: Sendable, Hashable {
     }
 }
 
+extension HedgePolicy {
+    /// Allowed values, shared by the top-level `upstream_hedge_*` keys and a
+    /// pool's `hedge` object.
+    static let afterRange: ClosedRange<Int64> = 0...3_600_000
+    static let copiesRange: ClosedRange<Int> = 1...16
+    static let budgetRange: ClosedRange<Int> = 1...100
+
+    /// The fields of a pool's `hedge` object in the config file: `after_ms`
+    /// (0: no timed copies), `max`, `max_replicas`, `budget_percent`. A field
+    /// left out has its top-level key's default.
+    static let keys: [ObjectKey<HedgePolicy>] = [
+        .custom(
+            "after_ms",
+            set: { (policy, json, path) throws(ConfigurationError) in
+                let milliseconds = try json.configInt64(path, range: afterRange)
+                policy.after = milliseconds > 0 ? .milliseconds(milliseconds) : nil
+            },
+            get: { JSONValue($0.after?.milliseconds ?? 0) }
+        ),
+        .int("max", \.maxCopies, range: copiesRange),
+        .int("max_replicas", \.maxReplicas, range: copiesRange),
+        .int("budget_percent", \.budgetPercent, range: budgetRange),
+    ]
+}
+
 extension ServerConfiguration {
     /// The default pool's hedging settings.
     public var upstreamHedging: HedgePolicy {

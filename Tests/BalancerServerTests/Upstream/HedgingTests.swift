@@ -1,5 +1,6 @@
 import BalancerCore
 import Foundation
+import NIOCore
 import NIOHTTP1
 import Testing
 
@@ -172,6 +173,81 @@ struct HedgingTests {
             #expect(figures.pending.allSatisfy { $0 == 0 }, "\(figures)")
             #expect(figures.hedged == 1 && figures.copies == 1 && figures.losers == 0, "nobody won: \(figures)")
             #expect(figures.wins == [0, 0])
+        }
+    }
+
+    @Test("a pool's hedge object: its fields, the top-level settings for pools without one, and errors naming the field")
+    func poolHedgeConfiguration() throws {
+        let text = """
+            {"pools": [
+              {"name": "jobs", "kind": "jobs"},
+              {"name": "api", "route": "/api/", "backends": [{"url": "http://127.0.0.1:9001"}],
+               "hedge": {"after_ms": 30, "max": 3, "budget_percent": 5}},
+              {"name": "web", "backends": [{"url": "http://127.0.0.1:9002"}]}
+            ]}
+            """
+        let configuration = try ServerConfiguration.load(
+            environment: ["BALANCER_UPSTREAM_HEDGE_AFTER_MS": "7", "BALANCER_UPSTREAM_MAX_REPLICAS": "4"],
+            file: ("pools.json", ByteBuffer(string: text)))
+        let pools = configuration.effectivePools
+        #expect(pools[1].hedging == HedgePolicy(after: .milliseconds(30), maxCopies: 3, maxReplicas: 2, budgetPercent: 5))
+        #expect(pools[2].hedging == HedgePolicy(after: .milliseconds(7), maxCopies: 2, maxReplicas: 4, budgetPercent: 10))
+        // --print-config gives the hedge object back, and it loads to the same pools.
+        let printed = try ServerConfiguration.load(file: ("printed.json", ByteBuffer(string: configuration.prettyJSON)))
+        #expect(printed.pools == configuration.pools)
+
+        let refused: [(String, String)] = [
+            (#"{"after": 30}"#, #"pools[1].hedge: unknown key "after""#),
+            (#"{"max": 0}"#, "pools[1].hedge.max: 0 is out of range 1...16"),
+            (#"{"after_ms": -1}"#, "pools[1].hedge.after_ms: -1 is out of range 0...3600000"),
+            (#"[30]"#, "pools[1].hedge: must be an object"),
+        ]
+        for (hedge, message) in refused {
+            let bad = """
+                {"pools": [{"name": "jobs", "kind": "jobs"},
+                  {"name": "api", "backends": [{"url": "http://127.0.0.1:9001"}], "hedge": \(hedge)}]}
+                """
+            #expect {
+                _ = try ServerConfiguration.load(file: ("pools.json", ByteBuffer(string: bad)))
+            } throws: { error in
+                "\(error)".contains(message)
+            }
+        }
+        #expect(throws: ConfigurationError.self) {
+            _ = try ServerConfiguration.load(
+                file: ("pools.json", ByteBuffer(string: #"{"pools": [{"name": "jobs", "kind": "jobs", "hedge": {"max": 2}}]}"#)))
+        }
+    }
+
+    @Test("a route with a hedge object is hedged; a route without one is not")
+    func hedgePerRoute() async throws {
+        let apiSlow = try await UpstreamTestBackend.start(responseDelay: .seconds(10))
+        let apiFast = try await UpstreamTestBackend.start()
+        let webSlow = try await UpstreamTestBackend.start(responseDelay: .milliseconds(300))
+        let webFast = try await UpstreamTestBackend.start()
+        defer { Task { await apiSlow.stop(); await apiFast.stop(); await webSlow.stop(); await webFast.stop() } }
+        let loaded = try ServerConfiguration.load(
+            file: ("pools.json", ByteBuffer(string: """
+                {"pools": [
+                  {"name": "jobs", "kind": "jobs"},
+                  {"name": "api", "route": "/delayed/api", "hedge": {"after_ms": 50},
+                   "backends": [{"url": "http://127.0.0.1:\(apiSlow.port)", "connections": 2},
+                                {"url": "http://127.0.0.1:\(apiFast.port)", "connections": 2}]},
+                  {"name": "web",
+                   "backends": [{"url": "http://127.0.0.1:\(webSlow.port)", "connections": 2},
+                                {"url": "http://127.0.0.1:\(webFast.port)", "connections": 2}]}
+                ]}
+                """)))
+        try await withServer({ $0 = loaded; $0.port = 0 }) { server in
+            let hedged = try await request(server.url("/delayed/api"))
+            #expect(hedged.text == "port \(apiFast.port)", "the copy on the fast backend answered")
+            let plain = try await request(server.url("/delayed"))
+            #expect(plain.text == "port \(webSlow.port)", "no copy: the first worker's backend answered, late")
+            #expect(webFast.requestsReceived == 0)
+            let stats = try await request(server.url("/stats"))
+            let pools = try #require(try stats.json["pools"] as? [[String: any Sendable]])
+            let hedging = pools.map { ($0["hedging"] as? [String: any Sendable])?["hedged_requests"] as? Int }
+            #expect(hedging == [1, 0])
         }
     }
 

@@ -21,7 +21,7 @@ import Synchronization
 /// - `/stall-upload`: never reads the request body (nor answers).
 /// - `/unsolicited`: answers 200, then 300 ms later sends an unrequested 408 on the idle connection.
 /// - `/status?code=C`: answers status `C`.
-/// - `/delayed`: answers `port <port>` after the backend's `responseDelay`;
+/// - `/delayed` (and paths under it): answers `port <port>` after the backend's `responseDelay`;
 ///   a connection closed while it waits is counted in ``disconnectsWhileDelayed``.
 /// - `/healthz`: 200 while ``isHealthy`` (settable), else 503; counted in ``healthChecks``.
 /// Every response carries `x-connection-id`, the number of the TCP connection.
@@ -345,7 +345,7 @@ final class UpstreamTestBackend: Sendable {
                 .end(nil),
             ])
             return true
-        case "/delayed":
+        case _ where path == "/delayed" || path.hasPrefix("/delayed/"):
             try await Self.drain(&requests)
             let deadline = ContinuousClock.now + responseDelay
             while connection.channel.isActive && ContinuousClock.now < deadline {
