@@ -1,4 +1,6 @@
+import BalancerCore
 import NIOHTTP1
+import Synchronization
 
 /// `X-Request-Id`: the client's, if sane, or a new random 128-bit one in hex.
 enum RequestID {
@@ -18,11 +20,12 @@ enum RequestID {
         return !bytes.isEmpty && bytes.count <= maxLength && bytes.allSatisfy { (0x20...0x7E).contains($0) }
     }
 
-    /// 32 lowercase hex digits from the system's random generator.
+    /// Seeded once from the system's generator, which costs a system call per number.
+    private static let random = Mutex(SplitMix64(seed: UInt64.random(in: .min ... .max)))
+
+    /// 32 lowercase hex digits: 128 random bits.
     static func generate() -> String {
-        var generator = SystemRandomNumberGenerator()
-        let high = generator.next() as UInt64
-        let low = generator.next() as UInt64
+        let (high, low) = random.withLock { ($0.next(), $0.next()) }
         let digits: StaticString = "0123456789abcdef"
         return String(unsafeUninitializedCapacity: 32) { buffer in
             for i in 0..<16 {
