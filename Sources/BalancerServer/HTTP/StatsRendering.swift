@@ -2,8 +2,8 @@ import BalancerCore
 
 /// `/stats` as JSON and as the talk's fixed-width table, from one ``BalancerStats`` snapshot.
 enum StatsRendering {
-    /// Latency histograms per worker id, and the pool's.
-    typealias Latency = (workers: [Int: LatencyHistograms], pool: LatencyHistograms)
+    /// Latency summaries per worker id, and the pool's.
+    typealias Latency = (workers: [Int: LatencySummaries], pool: LatencySummaries)
 
     /// - Parameter latency: with metrics on, each worker and the pool get `latency_us`.
     static func json(_ stats: BalancerStats, uptime: Duration, latency: Latency? = nil) -> JSONValue {
@@ -55,7 +55,7 @@ enum StatsRendering {
 
     /// A worker's `latency_us`; all zero for a worker that has served nothing yet.
     static func latencyJSON(_ latency: Latency, worker: Int) -> JSONValue {
-        (latency.workers[worker] ?? LatencyHistograms()).json
+        (latency.workers[worker] ?? .empty).json
     }
 
     /// One line per worker, then the mean and variance of pending, as the
@@ -73,14 +73,14 @@ enum StatsRendering {
                 pad(String(w.id), 6) + "  " + w.state.rawValue.padding(8) + "  " + pad(String(w.pending), 7) + "  "
                 + pad(String(w.pendingMax), 11) + "  " + pad(String(w.completed), 9) + "  " + pad(String(w.failed), 7)
             if let latency {
-                let total = LatencySummary((latency.workers[w.id] ?? LatencyHistograms()).total)
+                let total = (latency.workers[w.id] ?? .empty).total
                 line += "  " + pad(String(total.p50), 12) + "  " + pad(String(total.p99), 12)
             }
             lines.append(line)
         }
         lines.append("pending mean \(fixed(stats.pendingMean, 2))  variance \(fixed(stats.pendingVariance, 2))")
         if let latency {
-            let total = LatencySummary(latency.pool.total)
+            let total = latency.pool.total
             lines.append("latency total p50 \(total.p50) us  p99 \(total.p99) us  count \(total.count)")
         }
         lines.append(

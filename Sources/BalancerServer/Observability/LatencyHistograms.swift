@@ -32,15 +32,26 @@ struct LatencyHistograms: Sendable {
     private static func clamped(_ duration: Duration) -> UInt64 {
         UInt64(min(max(duration.microseconds, 0), Int64(highestMicroseconds)))
     }
+}
+
+/// What `/stats` shows of a worker's or a pool's ``LatencyHistograms``.
+struct LatencySummaries: Sendable, Equatable {
+    var queue: LatencySummary
+    var run: LatencySummary
+    var total: LatencySummary
+
+    init(_ histograms: LatencyHistograms) {
+        queue = LatencySummary(histograms.queue)
+        run = LatencySummary(histograms.run)
+        total = LatencySummary(histograms.total)
+    }
+
+    /// All zero: a worker that has served nothing yet.
+    static let empty = LatencySummaries(LatencyHistograms())
 
     /// `{"queue": {...}, "run": {...}, "total": {...}}`, each ``LatencySummary/json``.
     var json: JSONValue {
-        .object(
-            JSONObject([
-                ("queue", LatencySummary(queue).json), ("run", LatencySummary(run).json),
-                ("total", LatencySummary(total).json),
-            ])
-        )
+        .object(JSONObject([("queue", queue.json), ("run", run.json), ("total", total.json)]))
     }
 }
 
@@ -101,23 +112,26 @@ final class PoolLatency: Sendable {
         }
     }
 
-    /// Copies of every worker's histograms (by worker id) and their sum, the pool's.
+    /// Each worker's summaries (by worker id) and the pool's.
     ///
-    /// Each copy is summed into a fresh histogram under the worker's lock, so
-    /// the recording side never has to copy its arrays afterwards.
-    func snapshot() -> (workers: [Int: LatencyHistograms], pool: LatencyHistograms) {
-        var workers: [Int: LatencyHistograms] = [:]
+    /// Read under each worker's lock, without copying its histograms (a copy
+    /// would make the recording side copy its arrays on its next write); the
+    /// pool's are summed into one fresh set.
+    func snapshot() -> StatsRendering.Latency {
+        var workers: [Int: LatencySummaries] = [:]
         var pool = LatencyHistograms()
         for (id, slot) in slots.enumerated() {
-            var copy = LatencyHistograms()
-            slot.histograms.withLock { copy.add($0) }
-            pool.add(copy)
-            workers[id] = copy
+            workers[id] = slot.histograms.withLock { histograms in
+                pool.add(histograms)
+                return LatencySummaries(histograms)
+            }
         }
-        for (id, histograms) in added.withLock({ $0 }) {
-            pool.add(histograms)
-            workers[id] = histograms
+        added.withLock { added in
+            for (id, histograms) in added {
+                pool.add(histograms)
+                workers[id] = LatencySummaries(histograms)
+            }
         }
-        return (workers, pool)
+        return (workers, LatencySummaries(pool))
     }
 }
