@@ -340,6 +340,36 @@ struct ObservabilityTests {
         }
     }
 
+    @Test("access log: errors answered before any pool ran the request get their line too (413, and a dead backend)")
+    func accessLogEarlyErrors() async throws {
+        let log = CapturedAccessLog()
+        try await withServer(
+            {
+                $0.maxBodyBytes = 10
+                $0.upstreams = ["http://127.0.0.1:1"]  // nothing listens on port 1
+                $0.connectionsPerUpstream = 1
+                $0.accessLog = true
+            }, accessLog: log.sink
+        ) { server in
+            try await withRawConnection(port: server.port) { connection in
+                try await connection.send("POST /jobs HTTP/1.1\r\nHost: x\r\nX-Request-Id: big-1\r\nContent-Length: 100\r\n\r\n")
+                #expect(try await connection.readResponse()?.status == 413)
+            }
+            let failed = try await request(server.url("/anything"))
+            #expect(failed.status >= 500)
+            let entries = try log.entries
+            try #require(entries.count == 2, "\(log.lines)")
+            #expect(entries[0]["request_id"] as? String == "big-1")
+            #expect(entries[0]["status"] as? Int == 413)
+            #expect(entries[0]["pool"] as? String == "server")
+            #expect(entries[1]["status"] as? Int == failed.status)
+            #expect(entries[1]["pool"] as? String == "upstream")
+            #expect(entries[1]["worker"] is NSNull)
+            #expect(entries[1]["request_id"] as? String == failed.header("x-request-id"))
+            #expect(entries[1]["bytes_out"] as? Int == failed.body.count)
+        }
+    }
+
     @Test("access log off (the default): nothing is written")
     func accessLogOff() async throws {
         let log = CapturedAccessLog()

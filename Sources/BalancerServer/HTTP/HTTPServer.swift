@@ -384,6 +384,7 @@ public final class HTTPServer: Service, Sendable {
     ) async throws {
         let response = Response(.bodyTooLarge(limit: limit), allocator: channel.allocator)
         try await write(response, for: head, requestID: requestID, keepAlive: false, to: outbound)
+        // Refused before any route took it (proxied requests stream instead).
         observe(head, requestID: requestID, error: response, pool: .server)
         lingeringClose(channel)
         while try await parts.next() != nil {}
