@@ -45,9 +45,13 @@ final class ServerMetrics: Sendable {
     let jobs: PoolMetrics
     /// The upstream pools', by name.
     let upstreams: [PoolName: PoolMetrics]
-    /// Answers by pool, then by status class: index 0 is 2xx, ..., 3 is 5xx
-    /// (1xx is never final).
-    private let answers: [PoolName: [CoreMetrics.Counter]]
+    /// Answers by status class: index 0 is 2xx, ..., 3 is 5xx (1xx is never
+    /// final). The jobs' and the server's are kept apart, so the jobs' path
+    /// looks nothing up by name.
+    private let jobsAnswers: [CoreMetrics.Counter]
+    private let serverAnswers: [CoreMetrics.Counter]
+    /// The upstream pools' answers, by pool.
+    private let upstreamAnswers: [PoolName: [CoreMetrics.Counter]]
     /// The balancer counters last exported, per pool: `/metrics` adds what they grew since.
     private let exported = Mutex<[PoolName: ExportedCounts]>([:])
 
@@ -65,17 +69,16 @@ final class ServerMetrics: Sendable {
         self.factory = factory
         jobs = PoolMetrics(.jobs, workers: workers, factory: factory)
         self.upstreams = Dictionary(uniqueKeysWithValues: upstreams.map { ($0.name, PoolMetrics($0.name, workers: $0.workers, factory: factory)) })
-        answers = Dictionary(
-            uniqueKeysWithValues: ([PoolName.jobs, .server] + upstreams.map(\.name)).map { pool in
-                (
-                    pool,
-                    (2...5).map { statusClass in
-                        CoreMetrics.Counter(
-                            label: "balancer_requests_total", dimensions: [("pool", pool.rawValue), ("class", "\(statusClass)xx")],
-                            factory: factory)
-                    }
-                )
-            })
+        func answers(_ pool: PoolName) -> [CoreMetrics.Counter] {
+            (2...5).map { statusClass in
+                CoreMetrics.Counter(
+                    label: "balancer_requests_total", dimensions: [("pool", pool.rawValue), ("class", "\(statusClass)xx")],
+                    factory: factory)
+            }
+        }
+        jobsAnswers = answers(.jobs)
+        serverAnswers = answers(.server)
+        upstreamAnswers = Dictionary(uniqueKeysWithValues: upstreams.map { ($0.name, answers($0.name)) })
     }
 
     /// The timed pool `name`, if the server has it.
@@ -85,7 +88,8 @@ final class ServerMetrics: Sendable {
 
     /// One answer of pool `pool`, by its status class.
     func count(_ status: HTTPResponseStatus, pool: PoolName) {
-        guard let counters = answers[pool] else { return }
+        guard let counters = pool == .jobs ? jobsAnswers : pool == .server ? serverAnswers : upstreamAnswers[pool]
+        else { return }
         counters[min(max(Int(status.code) / 100 - 2, 0), 3)].increment()
     }
 
