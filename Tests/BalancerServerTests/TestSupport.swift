@@ -151,6 +151,15 @@ final class RawConnection {
         }
     }
 
+    /// Reads and drops bytes until at least `count` have arrived (counting what
+    /// was already received) or the connection closed; returns how many arrived.
+    func discard(_ count: Int) async throws -> Int {
+        var arrived = received.readableBytes
+        received.clear()
+        while arrived < count, let chunk = try await inbound.next() { arrived += chunk.readableBytes }
+        return arrived
+    }
+
     /// Reads until the server closes; true if it did (false if it sent more bytes instead).
     func readUntilClosed() async throws -> Bool {
         while let chunk = try await inbound.next() {

@@ -167,5 +167,27 @@ struct UpstreamPoolTests {
             #expect(workers.allSatisfy { $0["state"] as? String == "down" })
         }
     }
+
+    @Test("a slow client holds a fast backend back: the proxy does not buffer the response")
+    func slowClientHoldsTheBackendBack() async throws {
+        let backend = try await UpstreamTestBackend.start()
+        defer { Task { await backend.stop() } }
+        try await withProxy([backend.port]) { server, _ in
+            let total = 256 * 1024 * 1024
+            try await withRawConnection(port: server.port) { connection in
+                try await connection.send("GET /bytes?n=\(total) HTTP/1.1\r\nHost: x\r\n\r\n")
+                var arrived = try await connection.discard(1024 * 1024)
+                try await Task.sleep(for: .seconds(2))  // the client reads nothing meanwhile
+                // Without backpressure the backend would have sent (nearly) all of it by now;
+                // with it, what it ran ahead sits in the kernel's buffers of the two hops
+                // (autotuned, up to 32 MB a socket here) and a few pieces in the proxy.
+                let ahead = backend.bytesWrittenToSockets - arrived
+                #expect(ahead < 96 * 1024 * 1024, "the backend ran \(ahead) bytes ahead of the client")
+                print("256 MB response to a paused client: backend \(ahead / 1024) KiB ahead")
+                arrived += try await connection.discard(total - arrived)
+                #expect(arrived >= total, "the whole response arrived")
+            }
+        }
+    }
 }
 
