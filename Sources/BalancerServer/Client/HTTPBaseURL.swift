@@ -15,9 +15,7 @@ public struct HTTPBaseURL: Sendable, Hashable, CustomStringConvertible {
 
     /// The value for a `Host` header naming this server (IPv6 in brackets, port
     /// omitted when it is 80).
-    public var hostHeader: String { Self.hostHeader(host: host, port: port) }
-
-    static func hostHeader(host: String, port: Int) -> String {
+    public var hostHeader: String {
         let literal = host.contains(":") ? "[\(host)]" : host
         return port == 80 ? literal : "\(literal):\(port)"
     }

@@ -7,15 +7,16 @@
 public struct Backend: Sendable, Hashable, CustomStringConvertible {
     /// The name used in stats, logs and error bodies; `host:port` unless configured.
     public let name: String
-    /// The URL as configured, e.g. `http://127.0.0.1:9001`.
-    public let url: String
-    /// The host to connect to: a DNS name or an IP literal (IPv6 without brackets).
-    public let host: String
-    public let port: Int
+    /// Where it listens; never with a prefix.
+    public let address: HTTPBaseURL
 
-    /// The value for a `Host` header naming this backend (IPv6 in brackets, port
-    /// omitted when it is 80).
-    public var hostHeader: String { HTTPBaseURL.hostHeader(host: host, port: port) }
+    /// The URL as configured, e.g. `http://127.0.0.1:9001`.
+    public var url: String { address.url }
+    /// The host to connect to: a DNS name or an IP literal (IPv6 without brackets).
+    public var host: String { address.host }
+    public var port: Int { address.port }
+    /// The value for a `Host` header naming this backend.
+    public var hostHeader: String { address.hostHeader }
 
     public var description: String { "\(name) (\(url))" }
 
@@ -32,9 +33,7 @@ public struct Backend: Sendable, Hashable, CustomStringConvertible {
         guard parsed.prefix.isEmpty else {
             throw BackendURLError(url: url, reason: "a path is not supported in a backend URL ('\(parsed.prefix)')")
         }
-        self.url = url
-        self.host = parsed.host
-        self.port = parsed.port
+        self.address = parsed
         if let name, !name.isEmpty {
             self.name = name
         } else {
