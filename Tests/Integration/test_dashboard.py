@@ -131,7 +131,7 @@ def test_dashboard_bars_match_stats_under_load(balancer_factory, browser):
     assert distinct >= 16, "the screenshot is (nearly) one colour"
 
 
-def test_dashboard_shows_the_upstream_pool(balancer_factory, browser):
+def test_dashboard_shows_each_upstream_pool(balancer_factory, browser):
     backend = balancer_factory("--workers", "2")
     proxy = balancer_factory("--upstream", backend.url(""), "--connections-per-upstream", "3")
     browser.get(proxy.url("/dashboard"))
@@ -141,12 +141,13 @@ def test_dashboard_shows_the_upstream_pool(balancer_factory, browser):
     page = browser.execute_script(
         """return {
           stats: window.lastStats,
-          visible: !document.getElementById("upstream-panel").classList.contains("hidden"),
+          panels: [...document.querySelectorAll('#pools .panel')].map((panel) => panel.dataset.pool),
           bars: [...document.querySelectorAll('.bar[data-pool="upstream"]')].map((bar) => Number(bar.dataset.workerId)),
         };"""
     )
-    assert page["visible"]
-    assert page["bars"] == [w["id"] for w in page["stats"]["upstream"]["workers"]]
+    pools = page["stats"]["pools"]
+    assert page["panels"] == [pool["name"] for pool in pools] == ["upstream"]
+    assert page["bars"] == [w["id"] for w in pools[0]["workers"]]
     assert len(page["bars"]) == 3
 
 

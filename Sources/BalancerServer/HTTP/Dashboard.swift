@@ -6,9 +6,11 @@ import NIOCore
 /// It shows each worker's pending as a bar scaled to the capacity (the talk's
 /// picture of the load evening out), throughput (completed per second, from
 /// successive snapshots) and p99 over the last five minutes as inline SVG
-/// charts, the backlog and the errors, and the first upstream pool when there is one.
+/// charts, the backlog and the errors, and each upstream pool (`pools`) when
+/// there are any.
 ///
-/// Hooks for tests: every bar is `.bar[data-pool][data-worker-id][data-pending]`,
+/// Hooks for tests: every bar is `.bar[data-pool][data-worker-id][data-pending]`
+/// (`data-pool` is `jobs`, or an upstream pool's name),
 /// and `window.lastStats` holds the snapshot the page last rendered
 /// (`window.renderCount` counts renders).
 enum Dashboard {
@@ -87,11 +89,7 @@ enum Dashboard {
           <div class="panel"><h2>Throughput, completed/s (up to 5 min)</h2><svg id="throughput-chart"></svg></div>
           <div class="panel"><h2>p99 total latency (up to 5 min)</h2><svg id="p99-chart"></svg></div>
         </div>
-        <div class="panel hidden" id="upstream-panel">
-          <h2>Upstream connections: pending per worker</h2>
-          <div class="meta" id="upstream-meta"></div>
-          <div class="bars" id="upstream-workers"></div>
-        </div>
+        <div id="pools"></div>
         <script>
         "use strict";
         const HISTORY_MS = 5 * 60 * 1000;
@@ -169,6 +167,36 @@ enum Dashboard {
           while (series.length && series[0].t < t - HISTORY_MS) series.shift();
         }
 
+        // One panel per upstream pool (`pools` in /stats): its connections as bars
+        // (each holds one request at a time), its backlog and its errors.
+        function renderPools(pools) {
+          const container = $("pools");
+          const existing = new Map([...container.children].map((el) => [el.dataset.pool, el]));
+          const keep = new Set();
+          for (const pool of pools) {
+            keep.add(pool.name);
+            let panel = existing.get(pool.name);
+            if (!panel) {
+              panel = document.createElement("div");
+              panel.className = "panel";
+              panel.dataset.pool = pool.name;
+              panel.innerHTML = '<h2></h2><div class="meta"></div><div class="bars"></div>';
+              container.appendChild(panel);
+            }
+            const queue = pool.queue || {};
+            let errors = 0;
+            for (const w of pool.workers || []) for (const k in (w.errors || {})) errors += w.errors[k];
+            panel.querySelector("h2").textContent = "Pool " + pool.name +
+              (typeof pool.route === "string" ? " (" + pool.route + ")" : "") + ": pending per upstream connection";
+            panel.querySelector(".meta").textContent =
+              "strategy " + (pool.strategy || "-") + " · backlog " + number(queue.depth) + " / " + number(queue.limit) +
+              " · overloaded " + number(queue.overloaded) + " · timed out " + number(queue.timed_out) +
+              " · unavailable " + number(queue.unavailable) + " · errors " + number(errors);
+            renderBars(panel.querySelector(".bars"), pool.name, pool.workers || [], 1, (w) => w.backend + " #" + w.id);
+          }
+          for (const [name, el] of existing) if (!keep.has(name)) el.remove();
+        }
+
         function render(stats) {
           const now = Date.now();
           const totals = stats.totals || {}, queue = stats.queue || {};
@@ -205,18 +233,7 @@ enum Dashboard {
           chart($("p99-chart"), history.p99, "#ffb454", duration,
                 total ? "waiting for data" : "this server does not report latencies in /stats");
 
-          const upstream = (stats.pools || [])[0];
-          $("upstream-panel").classList.toggle("hidden", !upstream);
-          if (upstream) {
-            const uq = upstream.queue || {};
-            let errors = 0;
-            for (const w of upstream.workers || []) for (const k in (w.errors || {})) errors += w.errors[k];
-            $("upstream-meta").textContent =
-              "pool " + (upstream.name || "-") + " · strategy " + (upstream.strategy || "-") + " · backlog " + number(uq.depth) + " / " + number(uq.limit) +
-              " · overloaded " + number(uq.overloaded) + " · timed out " + number(uq.timed_out) +
-              " · unavailable " + number(uq.unavailable) + " · errors " + number(errors);
-            renderBars($("upstream-workers"), "upstream", upstream.workers || [], 1, (w) => w.backend + " #" + w.id);
-          }
+          renderPools(stats.pools || []);
           window.lastStats = stats;
           window.renderCount += 1;
         }
