@@ -417,8 +417,9 @@ extension UpstreamPool {
                     timer = nil
                     if race.winner == nil && outcome == nil && unstarted.isEmpty && 1 + hedgesStarted < maxCopies {
                         if hedgeBudget.withdraw() {
-                            timedIDs.insert(nextID)
+                            let id = nextID
                             start(spare: true)
+                            if nextID > id { timedIDs.insert(id) } else { hedgeBudget.refund() }
                         } else {
                             overBudget += 1
                         }
