@@ -48,7 +48,7 @@ private struct HedgeFigures: Equatable, CustomStringConvertible {
 /// Waits until every upstream worker's pending is back to 0, then returns the figures.
 private func settled(_ server: TestServer) async throws -> HedgeFigures {
     var figures = try await HedgeFigures.read(server)
-    let deadline = ContinuousClock.now + .seconds(10)
+    let deadline = ContinuousClock.now + .seconds(20)
     while figures.pending.contains(where: { $0 != 0 }) && ContinuousClock.now < deadline {
         try await Task.sleep(for: .milliseconds(20))
         figures = try await HedgeFigures.read(server)
@@ -75,7 +75,9 @@ struct HedgingTests {
             #expect(figures.skipped == 0 && figures.overBudget == 0, "\(figures)")
             #expect(figures.wins == [0, 1], "the second copy won: \(figures)")
             #expect(figures.retries == [0, 0])
-            #expect(try await eventually { slow.disconnectsWhileDelayed == 1 }, "the loser's connection was closed")
+            #expect(
+                try await eventually(timeout: .seconds(20)) { slow.disconnectsWhileDelayed == 1 },
+                "the loser's connection was closed")
             #expect(slow.requestsReceived == 1 && fast.requestsReceived == 1, "one request each, no retry")
         }
     }
@@ -114,7 +116,7 @@ struct HedgingTests {
             let figures = try await settled(server)
             #expect(figures.hedged == 1 && figures.copies == 1 && figures.losers == 1, "\(figures)")
             #expect(figures.wins == [0, 1], "\(figures)")
-            #expect(try await eventually { slowest.disconnectsWhileDelayed == 1 })
+            #expect(try await eventually(timeout: .seconds(20)) { slowest.disconnectsWhileDelayed == 1 })
             #expect(idle.requestsReceived == 0, "capped at 2 copies")
             #expect(slowest.requestsWithBalancerHeaders + slow.requestsWithBalancerHeaders == 0, "the header is the balancer's")
 
@@ -167,8 +169,18 @@ struct HedgingTests {
         let second = try await UpstreamTestBackend.start(responseDelay: .seconds(10))
         defer { Task { await first.stop(); await second.stop() } }
         try await withProxy([first.port, second.port], { $0.upstreamHedgeAfterMilliseconds = 50 }) { server, _ in
-            _ = try? await curl(["--max-time", "1", server.url("/delayed").absoluteString])
-            #expect(try await eventually { first.disconnectsWhileDelayed == 1 && second.disconnectsWhileDelayed == 1 })
+            // The client leaves once both copies have reached their backends.
+            try await withRawConnection(port: server.port) { connection in
+                try await connection.send("GET /delayed HTTP/1.1\r\nHost: test\r\n\r\n")
+                #expect(
+                    try await eventually(timeout: .seconds(20)) {
+                        first.requestsReceived == 1 && second.requestsReceived == 1
+                    })
+            }
+            #expect(
+                try await eventually(timeout: .seconds(20)) {
+                    first.disconnectsWhileDelayed == 1 && second.disconnectsWhileDelayed == 1
+                })
             let figures = try await settled(server)
             #expect(figures.pending.allSatisfy { $0 == 0 }, "\(figures)")
             #expect(figures.hedged == 1 && figures.copies == 1 && figures.losers == 0, "nobody won: \(figures)")
