@@ -173,3 +173,32 @@ struct PoolConfigurationTests {
         #expect(target("/other", routes) == "404")
     }
 }
+
+@Suite("Upstream pools: the rotation rule")
+struct RotationRuleTests {
+    @Test("a backend is in rotation only while the admin API, active checks and passive health all agree")
+    func anyNoWins() throws {
+        let now = ContinuousClock.now
+        var ejected = PassiveHealth(maxFailures: 1, coolDown: .seconds(10))
+        let ejects = ejected.recordFailure(now: now)
+        #expect(ejects)
+        for admin in [UpstreamPool.AdminState.ready, .draining, .removing] {
+            for healthUp in [true, false] {
+                for passive in [PassiveHealth(maxFailures: 1, coolDown: .seconds(10)), ejected] {
+                    var entry = UpstreamPool.BackendEntry(
+                        backend: try Backend(name: "b", url: "http://127.0.0.1:1"), number: 0, connections: 1, workerIDs: [0],
+                        passive: passive)
+                    entry.admin = admin
+                    entry.healthUp = healthUp
+                    let expected = admin == .ready && healthUp && !passive.isEjected(now: now)
+                    #expect(entry.inRotation(now: now) == expected, "\(admin) up \(healthUp) ejected \(passive.isEjected(now: now))")
+                }
+            }
+        }
+        // The ejection ends by itself: checks passing, the backend comes back.
+        let entry = UpstreamPool.BackendEntry(
+            backend: try Backend(name: "b", url: "http://127.0.0.1:1"), number: 0, connections: 1, workerIDs: [0], passive: ejected)
+        #expect(!entry.inRotation(now: now + .seconds(9)))
+        #expect(entry.inRotation(now: now + .seconds(10)))
+    }
+}

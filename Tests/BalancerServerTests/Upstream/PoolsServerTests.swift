@@ -325,4 +325,31 @@ struct PoolsServerTests {
             })
         }
     }
+
+    @Test("passive ejection wins over passing health checks until its cool-down ends")
+    func ejectionWinsOverPassingChecks() async throws {
+        let backend = try await UpstreamTestBackend.start()
+        defer { Task { await backend.stop() } }
+        let loaded = try ServerConfiguration.load(
+            file: ("pools.json", ByteBuffer(string: """
+                {"pools": [{"name": "app", "backends": [{"name": "one", "url": "http://127.0.0.1:\(backend.port)", "connections": 2}],
+                  "health": {"path": "/healthz", "interval_ms": 50, "rise": 1, "fall": 1},
+                  "max_fails": 1, "fail_timeout_ms": 1500, "response_timeout_ms": 200, "retries": 0}]}
+                """)))
+        try await withServer({ $0 = loaded; $0.port = 0 }) { server in
+            let hung = try await request(server.url("/hang"))
+            #expect(hung.status == 504)
+            let one = try #require(try await adminBackends(server.url("/admin/backends"))["one"])
+            #expect(one["state"] as? String == "down")
+            #expect(one["ejected"] as? Bool == true)
+            #expect((one["health"] as? [String: any Sendable])?["state"] as? String == "up", "checks pass all along")
+            let refused = try await request(server.url("/status?code=200"))
+            #expect(refused.status == 503 && refused.header("x-connection-id") == nil, "no backend in rotation")
+            #expect(try await eventually {
+                try await adminBackends(server.url("/admin/backends"))["one"]?["state"] as? String == "ready"
+            }, "back when the cool-down ends")
+            #expect(try await request(server.url("/status?code=200")).status == 200)
+        }
+    }
+
 }
