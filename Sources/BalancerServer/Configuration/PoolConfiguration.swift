@@ -58,7 +58,7 @@ public struct PoolConfiguration: Sendable, Equatable {
     /// another is free). `backlog` and `queueTimeout` are the server's.
     func balancer(backlog: Int, queueTimeout: Duration) -> Balancer.Configuration {
         Balancer.Configuration(
-            workers: 0,
+            workers: backends.reduce(0) { $0 + $1.connections },
             capacity: 1,
             backlog: backlog,
             queueTimeout: queueTimeout,

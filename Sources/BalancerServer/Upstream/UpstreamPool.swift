@@ -142,9 +142,7 @@ public final class UpstreamPool: Service, Sendable {
                 owners.append(index)
             }
         }
-        var balancerConfiguration = configuration.balancer(backlog: backlog, queueTimeout: queueTimeout)
-        balancerConfiguration.workers = owners.count
-        self.balancer = Balancer(configuration: balancerConfiguration)
+        self.balancer = Balancer(configuration: configuration.balancer(backlog: backlog, queueTimeout: queueTimeout))
         self.hedging = configuration.hedging ?? ServerConfiguration().upstreamHedging
         self.hedgeStats = Mutex(HedgeStats(copies: max(hedging.maxCopies, hedging.maxReplicas)))
         self.hedgeBudget = HedgeBudget(percent: hedging.budgetPercent)
