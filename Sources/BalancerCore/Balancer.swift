@@ -909,14 +909,15 @@ func decayWeight(_ x: Double) -> Double {
 
 extension Duration {
     /// The duration in seconds, as a `Double`.
-    var seconds: Double {
+    public var seconds: Double {
         let (seconds, attoseconds) = components
         return Double(seconds) + Double(attoseconds) * 1e-18
     }
 }
 
-/// A small, fast, seedable generator (SplitMix64) for power-of-two choices
-/// and request ids: the system generator costs a system call per number.
+/// A small, fast, seedable generator (SplitMix64) for power-of-two choices,
+/// request ids and repeatable experiments: the system generator costs a
+/// system call per number and cannot be seeded.
 public struct SplitMix64: RandomNumberGenerator, Sendable {
     private var state: UInt64
 

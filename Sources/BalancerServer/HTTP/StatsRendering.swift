@@ -98,7 +98,7 @@ enum StatsRendering {
         return lines.joined(separator: "\n") + "\n"
     }
 
-    private static func pad(_ s: String, _ width: Int) -> String {
+    static func pad(_ s: String, _ width: Int) -> String {
         s.count >= width ? s : String(repeating: " ", count: width - s.count) + s
     }
 
@@ -123,7 +123,7 @@ enum StatsRendering {
 }
 
 extension String {
-    fileprivate func padding(_ width: Int) -> String {
+    func padding(_ width: Int) -> String {
         count >= width ? self : self + String(repeating: " ", count: width - count)
     }
 }
