@@ -29,9 +29,11 @@ public struct BalancerStats: Sendable, Equatable {
         public var pending: Int
         /// The highest `pending` this worker has had.
         public var pendingMax: Int
-        /// Requests whose operation returned a value on this worker.
+        /// Requests whose operation returned a value on this worker (of a
+        /// replicated request, the copy that answered).
         public var completed: Int
-        /// Requests whose operation threw on this worker.
+        /// Requests whose operation threw on this worker (of a replicated
+        /// request, the copy whose error answered, after every copy failed).
         public var failed: Int
         /// The peak-EWMA latency estimate, for ``Strategy/peakEWMA``; `nil`
         /// before the first sample or under other strategies.

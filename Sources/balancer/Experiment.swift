@@ -49,7 +49,7 @@ struct ExperimentCommand: AsyncParsableCommand {
     @Option(help: "Bimodal: the fraction of jobs that are slow.")
     var slowFraction = 0.02
 
-    @Option(help: "Seconds per strategy (requesters start no request after).")
+    @Option(help: "Seconds per strategy (requesters start no request after, but each sends one).")
     var seconds: Double?
 
     @Option(help: "Requests per strategy, instead of --seconds.")

@@ -49,7 +49,8 @@ public enum Experiment {
 
     /// When each strategy's run ends.
     public enum Limit: Sendable, Equatable {
-        /// Requesters start no request after this long.
+        /// Requesters start no request after this long, but each sends at
+        /// least one (a stalled machine still gives results).
         case duration(Duration)
         /// Requesters start this many requests in all.
         case requests(Int)
@@ -269,10 +270,10 @@ public enum Experiment {
         let start = clock.now
         let counts = RunCounts(requesters: configuration.requesters)
         /// Whether a requester may start another request; claims it if so.
-        let mayStart: @Sendable () -> Bool = {
+        let mayStart: @Sendable (_ first: Bool) -> Bool = { first in
             switch configuration.limit {
             case .duration(let duration):
-                return clock.now - start < duration
+                return first || clock.now - start < duration
             case .requests(let count):
                 return counts.started.add(1, ordering: .relaxed).newValue <= count
             }
@@ -303,11 +304,13 @@ public enum Experiment {
                     var seeder = SplitMix64(seed: configuration.seed &+ UInt64(index) &* 0x2545_F491_4F6C_DD1D)
                     var random = SplitMix64(seed: seeder.next())
                     try await requester { sleep in
+                        var first = true
                         while true {
                             let think = randomExponential(mean: configuration.thinkMilliseconds, using: &random)
                             let ms = configuration.work.draw(using: &random)
                             try await clock.sleep(for: .microseconds(Int64(think * 1000)))
-                            guard mayStart() else { return }
+                            guard mayStart(first) else { return }
+                            first = false
                             let sent = clock.now
                             do {
                                 try await sleep(ms)
