@@ -183,6 +183,28 @@ struct ObservabilityTests {
         }
     }
 
+    @Test("a backend removed at run time loses its workers' pending gauges")
+    func removedBackendGauges() async throws {
+        let first = try await UpstreamTestBackend.start()
+        let second = try await UpstreamTestBackend.start()
+        defer { Task { await first.stop(); await second.stop() } }
+        try await withProxy([first.port, second.port]) { server, _ in
+            let before = try await request(server.url("/metrics")).text
+            for worker in [0, 2, 4, 6] {
+                #expect(prometheusSample(before, #"balancer_worker_pending{pool="upstream",worker="\#(worker)",backend="backend1"}"#) == 0)
+                #expect(prometheusSample(before, #"balancer_worker_pending{pool="upstream",worker="\#(worker + 1)",backend="backend2"}"#) == 0)
+            }
+            let removed = try await request(server.url("/admin/backends/backend2"), method: "DELETE")
+            #expect(removed.status == 202)
+            #expect(
+                try await eventually {
+                    !(try await request(server.url("/metrics")).text.contains(#"backend="backend2""#))
+                })
+            let after = try await request(server.url("/metrics")).text
+            #expect(prometheusSample(after, #"balancer_worker_pending{pool="upstream",worker="0",backend="backend1"}"#) == 0)
+        }
+    }
+
     @Test("X-Request-Id: echoed when sane, generated when absent, replaced when too long or not printable ASCII")
     func requestID() async throws {
         try await withServer { server in

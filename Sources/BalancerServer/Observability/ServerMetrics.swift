@@ -58,6 +58,8 @@ final class ServerMetrics: Sendable {
     private struct ExportedCounts {
         var overloaded = 0
         var queueTimeouts = 0
+        /// The pending gauge of each worker exported, by worker id, with its backend.
+        var pending: [Int: (backend: String?, gauge: CoreMetrics.Gauge)] = [:]
     }
 
     /// - Parameters:
@@ -106,15 +108,13 @@ final class ServerMetrics: Sendable {
         return ByteBuffer(bytes: bytes)
     }
 
+    /// Sets the pool's gauges and adds to its counters from `stats`. A worker
+    /// that has left the pool (a backend removed at run time) loses its
+    /// pending gauge, so the gauges always sum to the pool's pending.
     private func export(_ stats: BalancerStats, pool: PoolName, backendOf: (Int) -> String?) {
         let label = ("pool", pool.rawValue)
-        for worker in stats.workers {
-            var dimensions = [label, ("worker", String(worker.id))]
-            if let backend = backendOf(worker.id) { dimensions.append(("backend", backend)) }
-            Gauge(label: "balancer_worker_pending", dimensions: dimensions, factory: factory).record(worker.pending)
-        }
-        Gauge(label: "balancer_backlog_depth", dimensions: [label], factory: factory).record(stats.backlogDepth)
-        Gauge(label: "balancer_in_flight", dimensions: [label], factory: factory).record(stats.inFlight)
+        CoreMetrics.Gauge(label: "balancer_backlog_depth", dimensions: [label], factory: factory).record(stats.backlogDepth)
+        CoreMetrics.Gauge(label: "balancer_in_flight", dimensions: [label], factory: factory).record(stats.inFlight)
         let overloaded = CoreMetrics.Counter(label: "balancer_overloaded_total", dimensions: [label], factory: factory)
         let timeouts = CoreMetrics.Counter(label: "balancer_queue_timeouts_total", dimensions: [label], factory: factory)
         // Under the lock, so two scrapes at once add each increase once.
@@ -124,6 +124,25 @@ final class ServerMetrics: Sendable {
             timeouts.increment(by: max(stats.queueTimeouts - counts.queueTimeouts, 0))
             counts.overloaded = max(stats.overloaded, counts.overloaded)
             counts.queueTimeouts = max(stats.queueTimeouts, counts.queueTimeouts)
+            var pending: [Int: (backend: String?, gauge: CoreMetrics.Gauge)] = [:]
+            for worker in stats.workers {
+                let backend = backendOf(worker.id)
+                var entry = counts.pending.removeValue(forKey: worker.id)
+                if let old = entry, old.backend != backend {
+                    old.gauge.destroy()
+                    entry = nil
+                }
+                let gauge =
+                    entry?.gauge
+                    ?? CoreMetrics.Gauge(
+                        label: "balancer_worker_pending",
+                        dimensions: [label, ("worker", String(worker.id))] + (backend.map { [("backend", $0)] } ?? []),
+                        factory: factory)
+                gauge.record(worker.pending)
+                pending[worker.id] = (backend, gauge)
+            }
+            for gone in counts.pending.values { gone.gauge.destroy() }
+            counts.pending = pending
             exported[pool] = counts
         }
     }
