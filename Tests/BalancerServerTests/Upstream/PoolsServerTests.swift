@@ -289,7 +289,7 @@ struct PoolsServerTests {
                 {"pools": [{"name": "app", "backends": [
                     {"name": "one", "url": "http://127.0.0.1:\(first.port)", "connections": 2},
                     {"name": "two", "url": "http://127.0.0.1:\(second.port)", "connections": 2}],
-                  "health": {"path": "/healthz", "interval_ms": 50, "timeout_ms": 1000, "rise": 2, "fall": 2}}]}
+                  "health": {"path": "/healthz", "interval_ms": 50, "timeout_ms": 3000, "rise": 2, "fall": 2}}]}
                 """)))
         try await withServer({ $0 = loaded; $0.port = 0 }) { server in
             func state(_ name: String) async throws -> String? {
@@ -333,7 +333,7 @@ struct PoolsServerTests {
         let loaded = try ServerConfiguration.load(
             file: ("pools.json", ByteBuffer(string: """
                 {"pools": [{"name": "app", "backends": [{"name": "one", "url": "http://127.0.0.1:\(backend.port)", "connections": 2}],
-                  "health": {"path": "/healthz", "interval_ms": 50, "rise": 1, "fall": 1},
+                  "health": {"path": "/healthz", "interval_ms": 50, "timeout_ms": 3000, "rise": 1, "fall": 10},
                   "max_fails": 1, "fail_timeout_ms": 1500, "response_timeout_ms": 200, "retries": 0}]}
                 """)))
         try await withServer({ $0 = loaded; $0.port = 0 }) { server in
