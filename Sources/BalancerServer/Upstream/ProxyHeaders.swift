@@ -56,8 +56,8 @@ enum ProxyHeaders {
         var headers = HTTPHeaders()
         headers.reserveCapacity(client.count + 4)
         var host: String?
-        var forwardedFor: [String] = []
-        var via: [String] = []
+        var forwardedFor: String?
+        var via: String?
         for (name, value) in client {
             if isHopByHop(name) || isNamed(name, in: connectionTokens) { continue }
             if name.equalsIgnoringASCIICase("content-length") { continue }
@@ -66,14 +66,14 @@ enum ProxyHeaders {
                 continue
             }
             if name.equalsIgnoringASCIICase("x-forwarded-for") {
-                forwardedFor.append(value)
+                forwardedFor = listing(forwardedFor, value)
                 continue
             }
             if name.equalsIgnoringASCIICase("x-forwarded-proto") || name.equalsIgnoringASCIICase("x-forwarded-host") {
                 continue
             }
             if name.equalsIgnoringASCIICase("via") {
-                via.append(value)
+                via = listing(via, value)
                 continue
             }
             if forwarding.requestID != nil && name.equalsIgnoringASCIICase(RequestID.headerName) { continue }
@@ -86,12 +86,11 @@ enum ProxyHeaders {
         case .contentLength(let length): headers.add(name: "Content-Length", value: String(length))
         case .chunked: headers.add(name: "Transfer-Encoding", value: "chunked")
         }
-        if let address = forwarding.clientAddress { forwardedFor.append(address) }
-        if !forwardedFor.isEmpty { headers.add(name: "X-Forwarded-For", value: forwardedFor.joined(separator: ", ")) }
+        if let address = forwarding.clientAddress { forwardedFor = listing(forwardedFor, address) }
+        if let forwardedFor { headers.add(name: "X-Forwarded-For", value: forwardedFor) }
         headers.add(name: "X-Forwarded-Proto", value: forwarding.proto)
         if let forwardedHost = forwarding.host ?? host { headers.add(name: "X-Forwarded-Host", value: forwardedHost) }
-        via.append("\(head.version.major).\(head.version.minor) \(viaToken)")
-        headers.add(name: "Via", value: via.joined(separator: ", "))
+        headers.add(name: "Via", value: listing(via, viaEntry(head.version)))
 
         return (HTTPRequestHead(version: .http1_1, method: head.method, uri: head.uri, headers: headers), framing)
     }
@@ -106,19 +105,36 @@ enum ProxyHeaders {
         let chunked = backend.contains(name: "transfer-encoding")
         var headers = HTTPHeaders()
         headers.reserveCapacity(backend.count + 1)
-        var via: [String] = []
+        var via: String?
         for (name, value) in backend {
             if isHopByHop(name) || isNamed(name, in: connectionTokens) { continue }
             if chunked && name.equalsIgnoringASCIICase("content-length") { continue }
             if name.equalsIgnoringASCIICase("via") {
-                via.append(value)
+                via = listing(via, value)
                 continue
             }
             headers.add(name: name, value: value)
         }
-        via.append("\(head.version.major).\(head.version.minor) \(viaToken)")
-        headers.add(name: "Via", value: via.joined(separator: ", "))
+        headers.add(name: "Via", value: listing(via, viaEntry(head.version)))
         return HTTPResponseHead(version: .http1_1, status: head.status, headers: headers)
+    }
+
+    /// The `Via` entry this proxy adds to a message of `version` (RFC 9110 §7.6.3);
+    /// those of HTTP/1.1 and 1.0 are made once, not per request.
+    static func viaEntry(_ version: HTTPVersion) -> String {
+        switch (version.major, version.minor) {
+        case (1, 1): via11
+        case (1, 0): via10
+        default: "\(version.major).\(version.minor) \(viaToken)"
+        }
+    }
+    private static let via11 = "1.1 \(viaToken)"
+    private static let via10 = "1.0 \(viaToken)"
+
+    /// A comma-separated header list (`Via`, `X-Forwarded-For`) with `item` appended.
+    private static func listing(_ list: String?, _ item: String) -> String {
+        guard let list else { return item }
+        return "\(list), \(item)"
     }
 
     /// Whether `name` is one of the fixed hop-by-hop headers (not counting those
