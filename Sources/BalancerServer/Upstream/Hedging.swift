@@ -202,7 +202,7 @@ final class HedgeBudget: Sendable {
     func refund() { tokens.add(100, ordering: .relaxed) }
 }
 
-/// One hedged request's copies: who won, which backends are in use, and the
+/// One hedged request's copies: who won, which workers they run on, and the
 /// tasks to cancel. Shared by the copies' tasks and the request's own task.
 final class HedgeRace: Sendable {
     private struct State {
@@ -212,8 +212,8 @@ final class HedgeRace: Sendable {
         var cancelled = false
         /// Running or queued copies, by id.
         var tasks: [Int: Task<Void, Never>] = [:]
-        /// Backends of the copies that started.
-        var backends: Set<Int> = []
+        /// Workers of the copies that started.
+        var workers: [Int] = []
         /// Copies started so far: a copy's rank is its place in this order.
         var started = 0
         /// Rank of each started copy, by id.
@@ -245,16 +245,17 @@ final class HedgeRace: Sendable {
         _ = state.withLock { $0.tasks.removeValue(forKey: id) }
     }
 
-    /// Copy `id` started on a worker of backend `backend`.
-    func started(_ id: Int, backend: Int) {
+    /// Copy `id` started on worker `worker`.
+    func started(_ id: Int, worker: Int) {
         state.withLock { state in
-            state.backends.insert(backend)
+            state.workers.append(worker)
             state.ranks[id] = state.started
             state.started += 1
         }
     }
 
-    func uses(backend: Int) -> Bool { state.withLock { $0.backends.contains(backend) } }
+    /// Workers of the copies that started so far.
+    var workers: [Int] { state.withLock { $0.workers } }
 
     /// Copy `id` has a response head: it wins if nobody did yet, and every
     /// other copy is cancelled. Returns whether it won.
@@ -334,11 +335,13 @@ extension UpstreamPool {
         /// it was too late to start it.
         func launch(_ id: Int, spare: Bool) -> Bool {
             let operation: @Sendable (Int) async throws -> ForwardResult = { worker in
-                race.started(id, backend: self.backendIndex(of: worker))
+                race.started(id, worker: worker)
                 sink.yield(.started(id: id))
                 let copyWriter = HedgeCopyWriter(race: race, id: id, client: writer)
                 return try await self.forward(on: worker, head, body: body, forwarding: forwarding, to: copyWriter)
             }
+            // A later copy starts once the ones before it are on their workers.
+            let taken = spare ? Set(race.workers.map { self.backendIndex(of: $0) }) : []
             return race.start(id) {
                 Task {
                     var receipt: Receipt<ForwardResult>?
@@ -346,7 +349,7 @@ extension UpstreamPool {
                     do {
                         if spare {
                             receipt = try await self.balancer.submitOnWorker(
-                                ifRoomAmong: { !race.uses(backend: self.backendIndex(of: $0)) }, operation)
+                                ifRoomAmong: { !taken.contains(self.backendIndex(of: $0)) }, operation)
                         } else {
                             receipt = try await self.balancer.submitOnWorker(operation)
                         }
@@ -375,7 +378,8 @@ extension UpstreamPool {
             var retriesLeft = retries
             var lastError: UpstreamError?
             var outcome: Outcome?
-            var timer: Task<Void, Never>?
+            // A scheduled task on an event loop: much cheaper than a sleeping Task per request.
+            var timer: Scheduled<Void>?
             defer { timer?.cancel() }
 
             func start(spare: Bool) {
@@ -394,9 +398,8 @@ extension UpstreamPool {
                 timer?.cancel()
                 timer = nil
                 guard let after, race.winner == nil, 1 + hedgesStarted < maxCopies else { return }
-                timer = Task {
-                    try? await Task.sleep(for: after)
-                    if !Task.isCancelled { sink.yield(.timer) }
+                timer = eventLoopGroup.any().scheduleTask(in: .nanoseconds(Int64(after / .nanoseconds(1)))) {
+                    sink.yield(.timer)
                 }
             }
 

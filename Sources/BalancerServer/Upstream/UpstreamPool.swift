@@ -39,7 +39,7 @@ public final class UpstreamPool: Service, Sendable {
     public let hedging: HedgePolicy
     let hedgeStats: Mutex<HedgeStats>
     let hedgeBudget: HedgeBudget
-    private let eventLoopGroup: any EventLoopGroup
+    let eventLoopGroup: any EventLoopGroup
     private let upstreamConfiguration: UpstreamConfiguration
     private let names: BackendNames
     private let state: Mutex<State>
