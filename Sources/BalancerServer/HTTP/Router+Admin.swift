@@ -45,9 +45,9 @@ extension Router {
                 let name = String(parts[parts.startIndex + 1])
                 let upstream = try pool(of: name)
                 if parts.last == "drain" {
-                    try upstream.drain(name)
+                    try await upstream.drain(name)
                 } else {
-                    try upstream.ready(name)
+                    try await upstream.ready(name)
                 }
                 return json(try await backendJSON(name, in: upstream))
             case (3, _) where ["drain", "ready"].contains(parts.last):

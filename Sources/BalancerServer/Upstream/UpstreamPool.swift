@@ -292,24 +292,25 @@ public final class UpstreamPool: Service, Sendable {
     /// keeps it out) when the cool-down ends.
     private func ejectBackend(_ name: String) async {
         await reconcile(name)
-        let coolDown = Duration.milliseconds(configuration.failTimeoutMilliseconds)
+        let until = state.withLock { state in state.index(of: name).flatMap { state.backends[$0].passive.ejectedUntil } }
+        guard let until else { return }
         Task {
-            try? await Task.sleep(for: coolDown)
-            self.changed(name) { _ in }
+            try? await Task.sleep(until: until, clock: .continuous)
+            self.change(name) { _ in }
+            await self.reconcile(name)
         }
     }
 
     // MARK: - In or out of rotation
 
-    /// Applies `change` to backend `name`'s entry and brings its workers in
-    /// line with ``BackendEntry/inRotation(now:)``, in a new task.
-    private func changed(_ name: String, _ change: (inout BackendEntry) -> Void) {
+    /// Applies `change` to backend `name`'s entry and counts it as a change
+    /// for ``reconcile(_:)``, which the caller runs next.
+    private func change(_ name: String, _ change: (inout BackendEntry) -> Void) {
         state.withLock { state in
             guard let index = state.index(of: name) else { return }
             change(&state.backends[index])
             state.backends[index].generation += 1
         }
-        Task { await self.reconcile(name) }
     }
 
     /// Marks backend `name`'s workers up or down (or removes them) as its
@@ -344,7 +345,9 @@ public final class UpstreamPool: Service, Sendable {
         guard let health = configuration.health else { return nil }
         return HealthChecker(backend: backend, configuration: health.checker, eventLoop: eventLoopGroup.next()) {
             [weak self] transition in
-            self?.changed(transition.backend.name) { $0.healthUp = transition.isUp }
+            guard let self else { return }
+            self.change(transition.backend.name) { $0.healthUp = transition.isUp }
+            Task { await self.reconcile(transition.backend.name) }
         }
     }
 
@@ -392,24 +395,26 @@ public final class UpstreamPool: Service, Sendable {
     }
 
     /// Takes backend `name` out of rotation: its workers finish the request
-    /// each is running and take no new one.
-    public func drain(_ name: String) throws(ChangeError) {
-        try setAdmin(name, to: .draining)
+    /// each is running and take no new one. Returns once they are out of the heap.
+    public func drain(_ name: String) async throws(ChangeError) {
+        try await setAdmin(name, to: .draining)
     }
 
     /// Puts a drained backend back: its workers rejoin the heap when healthy.
-    public func ready(_ name: String) throws(ChangeError) {
-        try setAdmin(name, to: .ready)
+    public func ready(_ name: String) async throws(ChangeError) {
+        try await setAdmin(name, to: .ready)
     }
 
-    private func setAdmin(_ name: String, to admin: AdminState) throws(ChangeError) {
+    /// Sets the admin state and returns once the workers follow it.
+    private func setAdmin(_ name: String, to admin: AdminState) async throws(ChangeError) {
         let result = state.withLock { state -> Result<Void, ChangeError> in
             guard let index = state.index(of: name) else { return .failure(.unknownBackend(name)) }
             if state.backends[index].admin == .removing { return .failure(.removing(name)) }
             return .success(())
         }
         try result.get()
-        changed(name) { $0.admin = admin }
+        change(name) { $0.admin = admin }
+        await reconcile(name)
     }
 
     /// Adds a backend with `connections` workers; they join the heap at once
@@ -447,7 +452,7 @@ public final class UpstreamPool: Service, Sendable {
             return .success(state.backends[index].checkerTask)
         }
         try result.get()?.cancel()
-        changed(name) { $0.admin = .removing }
+        change(name) { $0.admin = .removing }
         Task { await self.finishRemoving(name) }
     }
 
@@ -488,10 +493,11 @@ public final class UpstreamPool: Service, Sendable {
 
     /// The state shown for a backend: `ready`, `draining` (requests still
     /// running), `drained`, `removing`, and `down` for a ready backend that
-    /// health keeps out.
-    private func shownState(_ entry: BackendEntry, pending: Int, now: ContinuousClock.Instant) -> String {
+    /// health keeps out. `ready` once its workers are back in the heap, not
+    /// before (an ejection's end is applied by a timer just after it).
+    private func shownState(_ entry: BackendEntry, pending: Int, active: Bool, now: ContinuousClock.Instant) -> String {
         switch entry.admin {
-        case .ready: entry.inRotation(now: now) ? "ready" : "down"
+        case .ready: entry.inRotation(now: now) && active ? "ready" : "down"
         case .draining: pending > 0 ? "draining" : "drained"
         case .removing: "removing"
         }
@@ -499,12 +505,14 @@ public final class UpstreamPool: Service, Sendable {
 
     private func backendJSON(_ entry: BackendEntry, snapshot: BalancerStats, now: ContinuousClock.Instant) -> JSONValue {
         let ids = Set(entry.workerIDs)
-        let pending = snapshot.workers.reduce(0) { $0 + (ids.contains($1.id) ? $1.pending : 0) }
+        let workers = snapshot.workers.filter { ids.contains($0.id) }
+        let pending = workers.reduce(0) { $0 + $1.pending }
+        let active = workers.contains { $0.state == .active }
         var fields: [(key: String, value: JSONValue)] = [
             ("pool", .string(name)),
             ("name", .string(entry.backend.name)), ("url", .string(entry.backend.url)),
             ("connections", JSONValue(entry.connections)),
-            ("state", .string(shownState(entry, pending: pending, now: now))),
+            ("state", .string(shownState(entry, pending: pending, active: active, now: now))),
             ("pending", JSONValue(pending)),
             ("ejected", .bool(entry.passive.isEjected(now: now))),
             ("retries", JSONValue(entry.retries)), ("ejections", JSONValue(entry.ejections)),
