@@ -24,6 +24,10 @@ struct Healthcheck: AsyncParsableCommand {
     @Option(help: "Give up when there is no connection, or no answer, within this many milliseconds.")
     var timeoutMs = 2_000
 
+    func validate() throws {
+        guard timeoutMs > 0 else { throw ValidationError("--timeout-ms must be positive") }
+    }
+
     func run() async throws {
         var flags: [String: String] = [:]
         if let host { flags["host"] = host }
@@ -42,7 +46,15 @@ struct Healthcheck: AsyncParsableCommand {
             case let host: host
             }
         // With admin_port, /healthz is on the admin listener; --port still picks any port.
-        let port = self.port == nil ? configuration.adminPort ?? configuration.port : configuration.port
+        let (key, port) =
+            switch (self.port, configuration.adminPort) {
+            case (nil, let adminPort?): ("admin_port", adminPort)
+            default: ("port", configuration.port)
+            }
+        guard port != 0 else {
+            printError("balancer healthcheck: \(key) is 0 (any free port), so there is no port to check: pass the server's port with --port")
+            throw ExitCode(2)
+        }
         let address = target.contains(":") ? "[\(target)]:\(port)" : "\(target):\(port)"
         let client: HTTPClient
         do {

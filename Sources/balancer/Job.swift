@@ -30,6 +30,7 @@ struct JobCommand: AsyncParsableCommand {
     var timeoutMs = 60_000
 
     func validate() throws {
+        guard timeoutMs > 0 else { throw ValidationError("--timeout-ms must be positive") }
         for field in fields where !field.contains("=") {
             throw ValidationError("'\(field)' is not key=value")
         }

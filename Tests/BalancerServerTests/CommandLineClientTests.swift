@@ -42,21 +42,29 @@ struct CommandLineClientTests {
             #expect(unknown == 1 && unknownOutput.contains("unknown_op"), "\(unknownOutput)")
             let (usage, usageOutput) = try await runBalancer(["job", "multiply", "x6", "--url", url])
             #expect(usage == 64 && usageOutput.contains("'x6' is not key=value"), "\(usageOutput)")
+            for timeout in ["0", "-5"] {
+                let (status, output) = try await runBalancer(["job", "multiply", "x=1", "y=2", "--url", url, "--timeout-ms=\(timeout)"])
+                #expect(status == 64 && output.contains("--timeout-ms must be positive"), "\(output)")
+            }
+            // Longer than a Duration's nanoseconds fit in an Int64: waits "forever", does not trap.
+            let (huge, hugeOutput) = try await runBalancer(["job", "multiply", "x=1", "y=2", "--url", url, "--timeout-ms", "10000000000000"])
+            #expect(huge == 0 && hugeOutput.hasPrefix("result 2  worker "), "\(hugeOutput)")
         }
         let (badURL, badURLOutput) = try await runBalancer(["job", "multiply", "--url", "https://127.0.0.1"])
         #expect(badURL == 64 && badURLOutput.contains("--url: https is not supported"), "\(badURLOutput)")
-        let port = try await unusedPort()
-        let (refused, refusedOutput) = try await runBalancer(["job", "multiply", "--url", "http://127.0.0.1:\(port)"])
+        // Nothing listens on port 1.
+        let (refused, refusedOutput) = try await runBalancer(["job", "multiply", "--url", "http://127.0.0.1:1"])
         #expect(refused == 1 && refusedOutput.contains("connect_failed"), "\(refusedOutput)")
     }
 
     @Test("stats: a line per worker with a bar scaled to capacity, the pool summary, raw JSON with --json")
     func stats() async throws {
-        try await withServer({ $0.workers = 3; $0.capacity = 4 }) { server in
+        try await withServer({ $0.workers = 3; $0.capacity = 4; $0.maxJobMilliseconds = 60_000 }) { server in
             let url = "http://127.0.0.1:\(server.port)"
-            // Six long sleeps: least-loaded gives each worker two.
+            // Six long sleeps: least-loaded gives each worker two. They outlast any slow run of
+            // the binary; cancelled at the end, their clients leave and the jobs end.
             let sleeps = (0..<6).map { _ in
-                Task { try await postJob(server, #"{"op":"sleep","ms":4000}"#) }
+                Task { try await postJob(server, #"{"op":"sleep","ms":60000}"#) }
             }
             defer { sleeps.forEach { $0.cancel() } }
             #expect(try await eventually { await server.balancer.stats().inFlight == 6 })
@@ -125,12 +133,4 @@ struct CommandLineClientTests {
             #expect(screen.hasSuffix("\u{1B}[?25h"), "\(screen.debugDescription)")
         }
     }
-}
-
-/// A port nothing listens on: bound, then released.
-private func unusedPort() async throws -> Int {
-    let backend = try await UpstreamTestBackend.start()
-    let port = backend.port
-    await backend.stop()
-    return port
 }

@@ -304,4 +304,16 @@ struct EndToEndTests {
         let (unhealthy, _) = try await runBalancer(["healthcheck", "--port", String(server.port), "--timeout-ms", "500"])
         #expect(unhealthy == 1)
     }
+
+    @Test("healthcheck with port or admin_port 0 (any free port) says so and exits 2; --timeout-ms must be positive")
+    func healthcheckWithoutFixedPort() async throws {
+        let (adminStatus, adminOutput) = try await runBalancer(["healthcheck"], environment: ["BALANCER_ADMIN_PORT": "0"])
+        #expect(adminStatus == 2)
+        #expect(adminOutput.contains("admin_port is 0 (any free port)") && adminOutput.contains("--port"), "\(adminOutput)")
+        let (portStatus, portOutput) = try await runBalancer(["healthcheck"], environment: ["BALANCER_PORT": "0"])
+        #expect(portStatus == 2)
+        #expect(portOutput.contains("port is 0 (any free port)"), "\(portOutput)")
+        let (zero, zeroOutput) = try await runBalancer(["healthcheck", "--port", "1", "--timeout-ms", "0"])
+        #expect(zero == 64 && zeroOutput.contains("--timeout-ms must be positive"), "\(zeroOutput)")
+    }
 }

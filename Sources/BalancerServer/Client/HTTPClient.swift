@@ -17,7 +17,8 @@ import Synchronization
 /// ``Configuration/maxResponseBodyBytes``).
 public struct HTTPClient: Sendable {
     public struct Configuration: Sendable, Hashable {
-        /// For connecting, and then for each request's whole exchange.
+        /// For connecting, and then for each request's whole exchange; one
+        /// longer than about 292 years counts as that long.
         public var timeout: Duration
         /// A longer response body fails the request with ``HTTPClientError/Kind/bodyTooLarge``.
         public var maxResponseBodyBytes: Int
@@ -92,9 +93,8 @@ public struct HTTPClient: Sendable {
     }
 
     private func connect() async throws(HTTPClientError) -> HTTPClientConnection.AsyncConnection {
-        let nanoseconds = configuration.timeout / .nanoseconds(1)
         let bootstrap = ClientBootstrap(group: eventLoopGroup)
-            .connectTimeout(.nanoseconds(Int64(clamping: Int(nanoseconds))))
+            .connectTimeout(TimeAmount(configuration.timeout))
             .channelOption(.tcpOption(.tcp_nodelay), value: 1)
         do {
             return try await bootstrap.connect(host: baseURL.host, port: baseURL.port) { channel in
@@ -221,7 +221,7 @@ public final class HTTPClientConnection {
         let head = requestHead(request)
         let channel = self.channel
         let timedOut = TimeoutFlag()
-        let deadline = channel.eventLoop.scheduleTask(in: .nanoseconds(Int64(clamping: Int(configuration.timeout / .nanoseconds(1))))) {
+        let deadline = channel.eventLoop.scheduleTask(in: TimeAmount(configuration.timeout)) {
             timedOut.set()
             channel.close(promise: nil)
         }

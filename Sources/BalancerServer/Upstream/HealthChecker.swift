@@ -202,7 +202,7 @@ public final class HealthChecker: Service, Sendable {
     }
 
     private func probe() async -> CheckResult {
-        let timeout = TimeAmount.nanoseconds(Int64(configuration.timeout / .nanoseconds(1)))
+        let timeout = TimeAmount(configuration.timeout)
         let connection = UpstreamConnection(
             backend: backend,
             configuration: UpstreamConfiguration(
