@@ -207,6 +207,33 @@ struct ObservabilityTests {
         }
     }
 
+    @Test("a backend added and removed at run time leaves no latency histograms behind; the pool keeps its counts")
+    func removedBackendHistograms() async throws {
+        let first = try await UpstreamTestBackend.start()
+        let second = try await UpstreamTestBackend.start()
+        defer { Task { await first.stop(); await second.stop() } }
+        try await withProxy([first.port]) { server, _ in
+            let latency = try #require(server.server.observer.metrics?.pool(PoolName(rawValue: "upstream"))?.latency)
+            let added = try await request(
+                server.url("/admin/backends"), method: "POST",
+                body: #"{"pool": "upstream", "name": "extra", "url": "http://127.0.0.1:\#(second.port)", "connections": 2}"#)
+            #expect(added.status == 201, "\(added.text)")
+            var sent = 0
+            while second.requestsReceived == 0 && sent < 200 {
+                #expect(try await request(server.url("/status?code=204")).status == 204)
+                sent += 1
+            }
+            // Each forward is timed just after its answer.
+            #expect(try await eventually { latency.snapshot().pool.total.count == UInt64(sent) })
+            #expect(latency.snapshot().workers.keys.contains { $0 >= 4 }, "the added backend's workers have histograms")
+
+            let removed = try await request(server.url("/admin/backends/extra"), method: "DELETE")
+            #expect(removed.status == 202)
+            #expect(try await eventually { Set(latency.snapshot().workers.keys) == Set(0..<4) })
+            #expect(latency.snapshot().pool.total.count == UInt64(sent), "the pool still counts what the removed workers served")
+        }
+    }
+
     @Test("X-Request-Id: echoed when sane, generated when absent, replaced when too long or not printable ASCII")
     func requestID() async throws {
         try await withServer { server in

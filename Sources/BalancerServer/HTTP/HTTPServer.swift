@@ -83,6 +83,10 @@ public final class HTTPServer: Service, Sendable {
             ? ServerMetrics(workers: balancer.configuration.workers, upstreams: upstreams.map { ($0.poolName, $0.balancer.configuration.workers) })
             : nil
         self.observer = RequestObserver(metrics: metrics, accessLog: configuration.accessLog ? accessLog ?? .standardOutput : nil)
+        for upstream in upstreams {
+            guard let latency = metrics?.pool(upstream.poolName)?.latency else { continue }
+            upstream.whenWorkersLeave { latency.retire($0) }
+        }
         self.router = Router(
             balancer: balancer, registry: .builtIn, limits: configuration.jobLimits, state: state, upstreams: upstreams,
             metrics: metrics)

@@ -91,14 +91,25 @@ struct LatencySummary: Sendable, Equatable {
 /// recording costs one uncontended lock and no allocation.
 ///
 /// Workers `0..<workers` get their slot up front; a worker added later (an id
-/// past those) is kept in a shared table.
+/// past those) is kept in a shared table until it leaves the pool
+/// (``retire(_:)``): then its counts go into the pool's and its histograms
+/// are dropped, so adding and removing backends costs no memory per cycle.
 final class PoolLatency: Sendable {
     private final class Slot: Sendable {
         let histograms = Mutex(LatencyHistograms())
     }
 
+    private struct Added {
+        var workers: [Int: LatencyHistograms] = [:]
+        /// What retired workers recorded: still the pool's, no longer any worker's.
+        var retired = LatencyHistograms()
+        /// Ids are never reused; a request a retired worker finished is
+        /// recorded after the worker left, and goes to ``retired``.
+        var retiredIDs: Set<Int> = []
+    }
+
     private let slots: [Slot]
-    private let added = Mutex<[Int: LatencyHistograms]>([:])
+    private let added = Mutex(Added())
 
     init(workers: Int) {
         slots = (0..<workers).map { _ in Slot() }
@@ -108,7 +119,25 @@ final class PoolLatency: Sendable {
         if worker >= 0 && worker < slots.count {
             slots[worker].histograms.withLock { $0.record(queued: queued, ran: ran, total: total) }
         } else {
-            added.withLock { $0[worker, default: LatencyHistograms()].record(queued: queued, ran: ran, total: total) }
+            added.withLock { added in
+                if added.retiredIDs.contains(worker) {
+                    added.retired.record(queued: queued, ran: ran, total: total)
+                } else {
+                    added.workers[worker, default: LatencyHistograms()].record(queued: queued, ran: ran, total: total)
+                }
+            }
+        }
+    }
+
+    /// Workers `ids` have left the pool: their histograms are dropped, their
+    /// counts stay in the pool's. (A worker with a slot keeps it: slots are
+    /// fixed.)
+    func retire(_ ids: some Sequence<Int>) {
+        added.withLock { added in
+            for id in ids where id >= slots.count {
+                added.retiredIDs.insert(id)
+                if let histograms = added.workers.removeValue(forKey: id) { added.retired.add(histograms) }
+            }
         }
     }
 
@@ -127,7 +156,8 @@ final class PoolLatency: Sendable {
             }
         }
         added.withLock { added in
-            for (id, histograms) in added {
+            pool.add(added.retired)
+            for (id, histograms) in added.workers {
                 pool.add(histograms)
                 workers[id] = LatencySummaries(histograms)
             }

@@ -100,6 +100,8 @@ public final class UpstreamPool: Service, Sendable {
         /// Set by ``run()``: health checkers of backends added later start at once.
         var running = false
         var stopped = false
+        /// Told the ids of a removed backend's workers once they have left the balancer.
+        var workersLeft: (@Sendable ([Int]) -> Void)?
 
         func index(of backend: String) -> Int? { backends.firstIndex { $0.backend.name == backend } }
 
@@ -468,11 +470,20 @@ public final class UpstreamPool: Service, Sendable {
             if stats.shuttingDown || !stats.workers.contains(where: { ids.contains($0.id) }) { break }
             try? await Task.sleep(for: .milliseconds(20))
         }
-        state.withLock { state in
+        let workersLeft = state.withLock { state in
             if let index = state.index(of: name) { state.backends.remove(at: index) }
             for id in ids { state.workers.removeValue(forKey: id) }
+            return state.workersLeft
         }
         names.release(name)
+        workersLeft?(Array(ids))
+    }
+
+    /// Calls `body` with the ids of a removed backend's workers once they have
+    /// left the balancer, for whatever is kept per worker (the latency
+    /// histograms).
+    func whenWorkersLeave(_ body: @escaping @Sendable ([Int]) -> Void) {
+        state.withLock { $0.workersLeft = body }
     }
 
     // MARK: - Stats
