@@ -41,6 +41,7 @@ let package = Package(
             name: "BalancerServer",
             dependencies: [
                 "BalancerCore",
+                .product(name: "DequeModule", package: "swift-collections"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOHTTP1", package: "swift-nio"),

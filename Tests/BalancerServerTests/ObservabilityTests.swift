@@ -1,4 +1,5 @@
 import BalancerCore
+import Dispatch
 import Foundation
 import NIOCore
 import Synchronization
@@ -332,6 +333,8 @@ struct ObservabilityTests {
             let ok = try await request(server.url("/jobs"), method: "POST", body: job, headers: ["X-Request-Id": "job-1"])
             let bad = try await postJob(server, "{")
             let missing = try await request(server.url("/missing?q=1"))
+            // Lines reach the sink from the access log's own thread, just after the answers.
+            #expect(try await eventually { log.lines.count == 3 })
             let entries = try log.entries
             try #require(entries.count == 3, "\(log.lines)")
 
@@ -408,6 +411,7 @@ struct ObservabilityTests {
             }
             let failed = try await request(server.url("/anything"))
             #expect(failed.status >= 500)
+            #expect(try await eventually { log.lines.count == 2 })
             let entries = try log.entries
             try #require(entries.count == 2, "\(log.lines)")
             #expect(entries[0]["request_id"] as? String == "big-1")
@@ -419,6 +423,49 @@ struct ObservabilityTests {
             #expect(entries[1]["request_id"] as? String == failed.header("x-request-id"))
             #expect(entries[1]["bytes_out"] as? Int == failed.body.count)
         }
+    }
+
+    @Test("access log: a sink that blocks holds no request back; lines past its queue are dropped and counted")
+    func accessLogBlockedSink() async throws {
+        final class BlockingSink: Sendable {
+            let release = DispatchSemaphore(value: 0)
+            let written = Atomic<Int>(0)
+            /// Blocks on its first line until released, like a pipe nobody reads.
+            var sink: AccessLogSink {
+                AccessLogSink(capacity: 3) { _ in
+                    if self.written.add(1, ordering: .relaxed).newValue == 1 { self.release.wait() }
+                }
+            }
+        }
+        let blocking = BlockingSink()
+        try await withServer({ $0.accessLog = true; $0.workers = 2 }, accessLog: blocking.sink) { server in
+            defer { blocking.release.signal() }
+            #expect(try await postJob(server, #"{"op":"multiply","x":1,"y":2}"#).status == 200)
+            #expect(try await eventually { blocking.written.load(ordering: .relaxed) == 1 }, "the writer holds the first line")
+            // More answers than the queue (3) holds.
+            for i in 0..<9 {
+                #expect(try await postJob(server, #"{"op":"multiply","x":\#(i),"y":2}"#).status == 200)
+            }
+            let stats = try await request(server.url("/stats")).json
+            let accessLog = try #require(stats["access_log"] as? [String: Any], "\(stats)")
+            #expect(accessLog["queued"] as? Int == 3)
+            #expect(accessLog["dropped"] as? Int == 6)
+            let metrics = try await request(server.url("/metrics")).text
+            #expect(prometheusSample(metrics, "balancer_access_log_dropped_total") == 7, "the /stats line was dropped too")
+        }
+        // Released, the writer wrote the queued lines before the server stopped.
+        #expect(blocking.written.load(ordering: .relaxed) == 4)
+    }
+
+    @Test("access log: the queue keeps the lines' order and writes them all at shutdown")
+    func accessLogQueueFlushes() async throws {
+        let log = CapturedAccessLog()
+        let queue = AccessLogQueue(log.sink)
+        for i in 0..<100 { queue.write(ByteBuffer(string: "{\"n\":\(i)}\n")) }
+        await queue.finish(within: .seconds(30))
+        #expect(log.lines == (0..<100).map { "{\"n\":\($0)}\n" })
+        queue.write(ByteBuffer(string: "late\n"))
+        #expect(queue.dropped == 1 && log.lines.count == 100, "a line after finish is dropped")
     }
 
     @Test("access log off (the default): nothing is written")

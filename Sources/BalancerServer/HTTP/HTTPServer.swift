@@ -54,6 +54,8 @@ public final class HTTPServer: Service, Sendable {
     private let router: Router
     /// The metrics and the access log, each `nil` when off.
     let observer: RequestObserver
+    /// How long a stopped server waits for queued access-log lines to be written.
+    static let accessLogFlushTimeout = Duration.seconds(2)
     private let logger: Logger
 
     /// The port actually bound.
@@ -82,14 +84,17 @@ public final class HTTPServer: Service, Sendable {
             configuration.metrics
             ? ServerMetrics(workers: balancer.configuration.workers, upstreams: upstreams.map { ($0.poolName, $0.balancer.configuration.workers) })
             : nil
-        self.observer = RequestObserver(metrics: metrics, accessLog: configuration.accessLog ? accessLog ?? .standardOutput : nil)
+        let accessLogQueue = configuration.accessLog ? AccessLogQueue(accessLog ?? .standardOutput) { [logger] in
+            logger.warning("access log: its output does not keep up; dropping lines (counted in /stats as access_log.dropped)")
+        } : nil
+        self.observer = RequestObserver(metrics: metrics, accessLog: accessLogQueue)
         for upstream in upstreams {
             guard let latency = metrics?.pool(upstream.poolName)?.latency else { continue }
             upstream.whenWorkersLeave { latency.retire($0) }
         }
         self.router = Router(
             balancer: balancer, registry: .builtIn, limits: configuration.jobLimits, state: state, upstreams: upstreams,
-            metrics: metrics)
+            metrics: metrics, accessLog: accessLogQueue)
         self.logger = logger
     }
 
@@ -231,6 +236,8 @@ public final class HTTPServer: Service, Sendable {
         } onGracefulShutdown: {
             self.beginDrain()
         }
+        // Every connection has closed: no more lines come.
+        await observer.accessLog?.finish(within: Self.accessLogFlushTimeout)
         if let acceptFailure, !state.isDraining {
             beginDrain()
             throw acceptFailure

@@ -40,6 +40,8 @@ struct Router: Sendable {
     let upstreams: [UpstreamPool]
     /// Latency histograms and `/metrics`; `nil` when `metrics` is off.
     let metrics: ServerMetrics?
+    /// `nil` when `access_log` is off.
+    let accessLog: AccessLogQueue?
     let allocator = ByteBufferAllocator()
 
     /// Answers a request ``Routes`` sent here (`target` is `.admin`, `.jobs`
@@ -174,6 +176,11 @@ struct Router: Sendable {
                 object.members.append((key: "pools", value: .array(pools)))
                 json = .object(object)
             }
+            if let accessLog, case .object(var object) = json {
+                object.members.append(
+                    (key: "access_log", value: .object(JSONObject([("queued", JSONValue(accessLog.queued)), ("dropped", JSONValue(accessLog.dropped))]))))
+                json = .object(object)
+            }
             out.writeJSON(json)
             out.writeStaticString("\n")
             return Response(body: out)
@@ -195,7 +202,7 @@ struct Router: Sendable {
         for upstream in upstreams {
             pools.append((upstream.poolName, await upstream.balancer.stats(), upstream.backendName(ofWorker:)))
         }
-        return metrics.render(jobs: jobs, upstreams: pools)
+        return metrics.render(jobs: jobs, upstreams: pools, accessLogDropped: accessLog?.dropped)
     }
 }
 

@@ -1,6 +1,5 @@
 import NIOCore
 import NIOHTTP1
-import Synchronization
 
 #if canImport(Glibc)
 import Glibc
@@ -15,33 +14,38 @@ private let systemWrite = Darwin.write
 
 /// Where access-log lines go: standard output by default (the service's own
 /// logs go to standard error); tests pass their own.
+///
+/// The server calls ``write`` from one dedicated thread, never from a request
+/// (see ``AccessLogQueue``): it may block.
 public struct AccessLogSink: Sendable {
+    /// Lines that may wait for the sink: at about 250 bytes a line, 2 MB.
+    public static let defaultCapacity = 8_192
+
     /// Takes one whole line, newline included.
     public let write: @Sendable (ByteBuffer) -> Void
+    /// Lines that may wait for ``write``; past them, lines are dropped and counted.
+    public let capacity: Int
 
-    public init(_ write: @escaping @Sendable (ByteBuffer) -> Void) {
+    public init(capacity: Int = defaultCapacity, _ write: @escaping @Sendable (ByteBuffer) -> Void) {
+        precondition(capacity > 0, "an access log needs room for a line")
+        self.capacity = capacity
         self.write = write
     }
 
-    /// Writes each line to file descriptor 1 whole: one `write(2)` loop under a lock.
-    public static let standardOutput: AccessLogSink = {
-        let lock = Mutex(())
-        return AccessLogSink { line in
-            lock.withLock { _ in
-                line.withUnsafeReadableBytes { bytes in
-                    var offset = 0
-                    while offset < bytes.count {
-                        let written = systemWrite(1, bytes.baseAddress! + offset, bytes.count - offset)
-                        if written < 0 {
-                            if errno == EINTR { continue }
-                            return  // stdout is gone: drop the line, never fail the request
-                        }
-                        offset += written
-                    }
+    /// Writes each line to file descriptor 1 whole, with a `write(2)` loop.
+    public static let standardOutput = AccessLogSink { line in
+        line.withUnsafeReadableBytes { bytes in
+            var offset = 0
+            while offset < bytes.count {
+                let written = systemWrite(1, bytes.baseAddress! + offset, bytes.count - offset)
+                if written < 0 {
+                    if errno == EINTR { continue }
+                    return  // stdout is gone: drop the line, never fail the request
                 }
+                offset += written
             }
         }
-    }()
+    }
 }
 
 extension RequestRecord {

@@ -4,9 +4,9 @@ import NIOHTTP1
 /// `metrics` is on) and the access log (when `access_log` is on).
 final class RequestObserver: Sendable {
     let metrics: ServerMetrics?
-    let accessLog: AccessLogSink?
+    let accessLog: AccessLogQueue?
 
-    init(metrics: ServerMetrics?, accessLog: AccessLogSink?) {
+    init(metrics: ServerMetrics?, accessLog: AccessLogQueue?) {
         self.metrics = metrics
         self.accessLog = accessLog
     }

@@ -54,6 +54,8 @@ final class ServerMetrics: Sendable {
     private let upstreamAnswers: [PoolName: [CoreMetrics.Counter]]
     /// The balancer counters last exported, per pool: `/metrics` adds what they grew since.
     private let exported = Mutex<[PoolName: ExportedCounts]>([:])
+    /// Access-log lines dropped, as last exported.
+    private let exportedAccessLogDrops = Mutex(0)
 
     private struct ExportedCounts {
         var overloaded = 0
@@ -99,10 +101,17 @@ final class ServerMetrics: Sendable {
     typealias UpstreamSnapshot = (name: PoolName, stats: BalancerStats, backendOf: (Int) -> String?)
 
     /// The Prometheus text for `/metrics`: first the figures read from the
-    /// pools' snapshots.
-    func render(jobs jobsStats: BalancerStats, upstreams: [UpstreamSnapshot]) -> ByteBuffer {
+    /// pools' snapshots, and the access log's drops when it is on.
+    func render(jobs jobsStats: BalancerStats, upstreams: [UpstreamSnapshot], accessLogDropped: Int? = nil) -> ByteBuffer {
         export(jobsStats, pool: .jobs, backendOf: { _ in nil })
         for upstream in upstreams { export(upstream.stats, pool: upstream.name, backendOf: upstream.backendOf) }
+        if let accessLogDropped {
+            let counter = CoreMetrics.Counter(label: "balancer_access_log_dropped_total", factory: factory)
+            exportedAccessLogDrops.withLock { exported in
+                counter.increment(by: max(accessLogDropped - exported, 0))
+                exported = max(accessLogDropped, exported)
+            }
+        }
         var bytes: [UInt8] = []
         registry.emit(into: &bytes)
         return ByteBuffer(bytes: bytes)
