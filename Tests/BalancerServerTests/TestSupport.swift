@@ -160,6 +160,19 @@ final class RawConnection {
         return arrived
     }
 
+    /// Reads until `text` has arrived and returns everything read up to its end
+    /// (what follows stays for the next read); nil if the connection closed first.
+    func read(through text: String) async throws -> String? {
+        while true {
+            let view = received.readableBytesView
+            if let range = view.firstRange(of: Array(text.utf8)) {
+                return received.readString(length: range.upperBound - view.startIndex)
+            }
+            guard var chunk = try await inbound.next() else { return nil }
+            received.writeBuffer(&chunk)
+        }
+    }
+
     /// Reads until the server closes; true if it did (false if it sent more bytes instead).
     func readUntilClosed() async throws -> Bool {
         while let chunk = try await inbound.next() {
@@ -201,8 +214,16 @@ struct RawResponse: Sendable {
     }
 }
 
-func withRawConnection<T: Sendable>(port: Int, _ body: (RawConnection) async throws -> T) async throws -> T {
-    let channel = try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+/// `receiveBuffer` sets the socket's receive buffer (and so the TCP window) in
+/// bytes, for a client that stops reading and must back the server up soon.
+func withRawConnection<T: Sendable>(
+    port: Int,
+    receiveBuffer: Int? = nil,
+    _ body: (RawConnection) async throws -> T
+) async throws -> T {
+    var bootstrap = ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+    if let receiveBuffer { bootstrap = bootstrap.channelOption(.socketOption(.so_rcvbuf), value: SocketOptionValue(receiveBuffer)) }
+    let channel = try await bootstrap
         .connect(host: "127.0.0.1", port: port) { channel in
             channel.eventLoop.makeCompletedFuture {
                 try NIOAsyncChannel<ByteBuffer, ByteBuffer>(wrappingChannelSynchronously: channel)

@@ -82,6 +82,7 @@ extension HTTPServer {
                         served: served, total: .now - started, bytesIn: result.requestBodyBytes,
                         bytesOut: result.responseBodyBytes))
             }
+            try await writer.awaitBackedUpEnd()
             return keepAlive && bodyEnded
         case .failed(let error):
             let response = Response(error, allocator: connection.channel.allocator)
@@ -106,21 +107,37 @@ extension HTTPServer {
 /// to a client that sent `TE: trailers` (some clients, URLSession on Linux
 /// among them, fail on trailers they did not ask for).
 ///
-/// The parts are held back and go out together: a response of up to
-/// ``flushThreshold`` bytes is one write and one flush at its end (one hop to
-/// the client's event loop and one system call, where writing each part costs
-/// one of each). Once more is held, it is written and flushed, and the call
-/// returns only when the client's socket took it, so a slow client slows the
-/// backend's reads and a connection holds at most about ``flushThreshold``
-/// bytes of a large response (the upload side waits the same way).
+/// The parts are held back and go out together, with one flush, whenever the
+/// backend has nothing more ready (``flush()``, at the end of each read batch of
+/// the upstream channel) or the response ends: a response that arrives in one
+/// read is one write and one flush (one hop to the client's event loop and one
+/// system call, where writing each part costs one of each), and a response the
+/// backend streams reaches the client as it comes. A flush, and a write of
+/// ``flushThreshold`` bytes held within one batch, returns only when the
+/// client's socket took it, so a slow client slows the backend's reads and a
+/// connection holds at most about ``flushThreshold`` bytes of a large response
+/// (the upload side waits the same way).
+///
+/// Until the head goes out, ``headWritten`` is false: a backend that fails
+/// within the batch that brought its head is answered with an error response
+/// in its place, and the held parts are dropped.
 ///
 /// Writing to the channel beside the connection's `NIOAsyncChannelOutboundWriter`
 /// keeps the order: both go through the channel's event loop in the order they
 /// are issued, and the connection task writes nothing while a proxied exchange
 /// runs.
 final class ClientResponseWriter: ClientResponseWriting {
-    /// Bytes of body held before they are written and awaited.
+    /// Bytes of body held within one read batch before they are written and awaited.
     static let flushThreshold = 64 * 1024
+
+    /// Parts not yet written.
+    private struct Held {
+        var parts: [HTTPServerResponsePart] = []
+        /// Body bytes among `parts`.
+        var bytes = 0
+        /// The status code of the head among `parts`; 0 when it is not there.
+        var headStatus = 0
+    }
 
     let channel: any Channel
     let version: HTTPVersion
@@ -128,11 +145,14 @@ final class ClientResponseWriter: ClientResponseWriting {
     let acceptsTrailers: Bool
     /// Sent back as `X-Request-Id`, whatever the backend said.
     let requestID: String
-    /// The status code of the head written; 0 before.
-    private let wroteStatus = Atomic<Int>(0)
-    /// Parts not yet written, and their body bytes. Only the forwarding task
-    /// writes; the lock makes the class Sendable at no cost (never contended).
-    private let held = Mutex<(parts: [HTTPServerResponsePart], bytes: Int)>(([], 0))
+    /// The status code of the head sent to the client; 0 before.
+    private let sentStatus = Atomic<Int>(0)
+    /// Only the forwarding task writes; the locks make the class Sendable at
+    /// no cost (never contended).
+    private let held = Mutex(Held())
+    /// The write of the end on a kept connection that was over its high
+    /// watermark, for ``awaitBackedUpEnd()``.
+    private let backedUpEnd = Mutex<EventLoopFuture<Void>?>(nil)
 
     init(channel: any Channel, version: HTTPVersion, keepAlive: Bool, acceptsTrailers: Bool, requestID: String) {
         self.channel = channel
@@ -142,14 +162,15 @@ final class ClientResponseWriter: ClientResponseWriting {
         self.requestID = requestID
     }
 
-    var headWritten: Bool { wroteStatus.load(ordering: .acquiring) != 0 }
+    var headWritten: Bool { sentStatus.load(ordering: .acquiring) != 0 }
 
-    /// The status of the head written, if one was.
+    /// The status of the head sent to the client, if one was.
     var writtenStatus: HTTPResponseStatus? {
-        let code = wroteStatus.load(ordering: .acquiring)
+        let code = sentStatus.load(ordering: .acquiring)
         return code == 0 ? nil : HTTPResponseStatus(statusCode: code)
     }
 
+    /// Holds the head; anything still held from an earlier try that failed is dropped.
     func writeHead(_ head: HTTPResponseHead) async throws {
         var head = head
         head.version = version
@@ -159,8 +180,8 @@ final class ClientResponseWriter: ClientResponseWriting {
             head.headers.replaceOrAdd(name: "connection", value: "keep-alive")
         }
         head.headers.replaceOrAdd(name: RequestID.headerName, value: requestID)
-        wroteStatus.store(Int(head.status.code), ordering: .releasing)
         held.withLock { held in
+            held = Held(headStatus: Int(head.status.code))
             held.parts.reserveCapacity(3)
             held.parts.append(.head(head))
         }
@@ -171,26 +192,47 @@ final class ClientResponseWriter: ClientResponseWriting {
             held.parts.append(.body(.byteBuffer(buffer)))
             held.bytes += buffer.readableBytes
             guard held.bytes >= Self.flushThreshold else { return nil }
-            defer { held = ([], 0) }
-            return held.parts
+            return take(&held)
         }
-        if let full {
-            let written = channel.eventLoop.makePromise(of: Void.self)
-            send(full, promise: written)
-            try await written.futureResult.get()
-        }
+        if let full { try await sendAndWait(full) }
     }
 
-    /// Writes what is held and the end. On a kept connection it returns without
-    /// waiting for the socket (nothing more comes from the backend for this
-    /// response); before a close it waits, so the close cannot cut the response.
+    func flush() async throws {
+        let parts = held.withLock { take(&$0) }
+        if !parts.isEmpty { try await sendAndWait(parts) }
+    }
+
+    /// Writes what is held and the end. Before a close it waits, so the close
+    /// cannot cut the response. On a kept connection it returns without waiting
+    /// for the socket (nothing more comes from the backend for this response, and
+    /// its worker is free at once); if the channel is over its high watermark
+    /// (the client does not read), ``awaitBackedUpEnd()`` waits for this write.
     func end(trailers: HTTPHeaders?) async throws {
-        var parts = held.withLock { held in
-            defer { held = ([], 0) }
-            return held.parts
-        }
+        var parts = held.withLock { take(&$0) }
         parts.append(.end(acceptsTrailers ? trailers : nil))
-        guard !keepAlive else { return send(parts, promise: nil) }
+        guard keepAlive else { return try await sendAndWait(parts) }
+        guard !channel.isWritable else { return send(parts, promise: nil) }
+        let written = channel.eventLoop.makePromise(of: Void.self)
+        send(parts, promise: written)
+        backedUpEnd.withLock { $0 = written.futureResult }
+    }
+
+    /// Waits for the write of the end if the client's channel was backed up when
+    /// it was issued: the connection takes no next request before that, so a
+    /// client that pipelines requests and never reads cannot make the server
+    /// buffer responses without bound.
+    func awaitBackedUpEnd() async throws {
+        try await backedUpEnd.withLock { $0 }?.get()
+    }
+
+    /// Takes what is held to write it now: the head among it counts as sent from here on.
+    private func take(_ held: inout Held) -> [HTTPServerResponsePart] {
+        if held.headStatus != 0 { sentStatus.store(held.headStatus, ordering: .releasing) }
+        defer { held = Held() }
+        return held.parts
+    }
+
+    private func sendAndWait(_ parts: [HTTPServerResponsePart]) async throws {
         let written = channel.eventLoop.makePromise(of: Void.self)
         send(parts, promise: written)
         try await written.futureResult.get()

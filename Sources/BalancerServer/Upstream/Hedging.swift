@@ -302,6 +302,8 @@ struct HedgeCopyWriter<Client: ClientResponseWriting>: ClientResponseWriting {
     func writeBody(_ buffer: ByteBuffer) async throws { try await client.writeBody(buffer) }
 
     func end(trailers: HTTPHeaders?) async throws { try await client.end(trailers: trailers) }
+
+    func flush() async throws { try await client.flush() }
 }
 
 extension UpstreamPool {
@@ -431,8 +433,9 @@ extension UpstreamPool {
                     inFlight -= 1
                     unstarted.remove(id)
                     if race.winner == id {
-                        // The winner's exchange is over: its response went out, or broke off.
-                        outcome = receipt.map { forwarded($0) } ?? .abort
+                        // The winner's exchange is over: its response went out, or broke off
+                        // (an error can still be answered if its head never left the writer).
+                        outcome = receipt.map { forwarded($0) } ?? brokenOff(error, writer: writer)
                     } else if let error, race.winner == nil, outcome == nil {
                         if spareIDs.contains(id), let error = error as? BalancerError,
                             error == .busy || error == .unavailable
@@ -480,6 +483,13 @@ extension UpstreamPool {
         } onCancel: {
             race.cancelAll()
         }
+    }
+
+    /// The outcome of a winning copy that failed: an error answer if its head
+    /// never reached the client (the writer still held it), else an abort.
+    private func brokenOff(_ error: (any Error)?, writer: some ClientResponseWriting) -> Outcome {
+        guard !writer.headWritten, let error = error as? UpstreamError, error.kind != .clientAborted else { return .abort }
+        return .failed(APIError(error))
     }
 
     /// Adds one request's figures to the pool's hedging stats.

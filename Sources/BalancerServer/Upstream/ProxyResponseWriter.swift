@@ -6,7 +6,8 @@ import NIOHTTP1
 ///
 /// Calls come in order from one task: ``writeHead(_:)`` once, ``writeBody(_:)``
 /// zero or more times, ``end(trailers:)`` once (unless the exchange fails part
-/// way, in which case the forwarder stops calling and throws). Each call must
+/// way, in which case the forwarder stops calling and throws), with ``flush()``
+/// after the head whenever the backend has sent nothing more for now. Each call must
 /// return only when the writer can take more (the client's socket accepted it or
 /// has room), because the forwarder reads the next bytes from the backend only
 /// after the previous write returned: that is the backpressure that keeps a
@@ -19,6 +20,15 @@ public protocol ProxyResponseWriter: Sendable {
     func writeBody(_ buffer: ByteBuffer) async throws
     /// The end of the response, with the backend's trailers if it sent any.
     func end(trailers: HTTPHeaders?) async throws
+    /// Nothing more of the response is ready from the backend right now: a
+    /// writer that holds parts back to write them together must pass them on,
+    /// or a response the backend streams slowly would stall at the proxy.
+    func flush() async throws
+}
+
+extension ProxyResponseWriter {
+    /// A writer that passes each part on as it comes holds nothing to flush.
+    public func flush() async throws {}
 }
 
 /// What the proxy adds about the client to the forwarded request

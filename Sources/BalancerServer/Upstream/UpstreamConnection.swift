@@ -24,8 +24,8 @@ import Synchronization
 /// response is read only as fast as the ``ProxyResponseWriter`` returns, with at
 /// most ``UpstreamConfiguration/responseBufferParts`` parts buffered in between.
 public final class UpstreamConnection: @unchecked Sendable {
-    typealias AsyncConnection = NIOAsyncChannel<HTTPClientResponsePart, HTTPClientRequestPart>
-    typealias Inbound = NIOAsyncChannelInboundStream<HTTPClientResponsePart>
+    typealias AsyncConnection = NIOAsyncChannel<UpstreamRead, HTTPClientRequestPart>
+    typealias Inbound = NIOAsyncChannelInboundStream<UpstreamRead>
     typealias Outbound = NIOAsyncChannelOutboundWriter<HTTPClientRequestPart>
 
     /// An open connection: the response stream's iterator and the request writer.
@@ -187,6 +187,7 @@ public final class UpstreamConnection: @unchecked Sendable {
                             idleTimeout: configuration.idleTimeout
                         )
                     )
+                    try sync.addHandler(ReadBatchMarker())
                     let high = max(configuration.responseBufferParts, 2)
                     return try AsyncConnection(
                         wrappingChannelSynchronously: channel,
@@ -310,7 +311,7 @@ public final class UpstreamConnection: @unchecked Sendable {
     ) async -> Result<ForwardResult, UpstreamError> {
         let responseHead: HTTPResponseHead
         do {
-            switch try await inbound.next() {
+            switch try await Self.firstPart(&inbound) {
             case .head(let head)?:
                 responseHead = head
             case .body?, .end?:
@@ -332,11 +333,23 @@ public final class UpstreamConnection: @unchecked Sendable {
 
         var responseBytes = 0
         while true {
-            let part: HTTPClientResponsePart?
+            let read: UpstreamRead?
             do {
-                part = try await inbound.next()
+                read = try await inbound.next()
             } catch {
                 return .failure(failure(error, headReceived: true, bytes: responseBytes, upload: upload))
+            }
+            let part: HTTPClientResponsePart?
+            switch read {
+            case .part(let value)?: part = value
+            case .batchEnd?:
+                do {
+                    try await writer.flush()
+                } catch {
+                    return .failure(clientAborted("writing the response to the client failed: \(error)", upload: upload))
+                }
+                continue
+            case nil: part = nil
             }
             switch part {
             case .body(let buffer)?:
@@ -376,6 +389,15 @@ public final class UpstreamConnection: @unchecked Sendable {
                 return .failure(failure(nil, headReceived: true, bytes: responseBytes, upload: upload))
             }
         }
+    }
+
+    /// The first part of a response. Batch ends before it close the batch that
+    /// ended the previous response on this connection: nothing to flush.
+    private static func firstPart(_ inbound: inout Inbound.AsyncIterator) async throws -> HTTPClientResponsePart? {
+        while let read = try await inbound.next() {
+            if case .part(let part) = read { return part }
+        }
+        return nil
     }
 
     /// Classifies a failure of the response stream: `error` is nil for an early end of stream.

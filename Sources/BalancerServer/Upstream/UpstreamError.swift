@@ -23,9 +23,9 @@ public struct UpstreamError: Error, Sendable, CustomStringConvertible {
         case responseTimeout = "response_timeout"
         /// The backend answered bytes that are not a valid HTTP/1.1 response head.
         case invalidResponse = "invalid_response"
-        /// The response head was already given to the client when the body broke
-        /// off (reset, early close, idle timeout, bad framing): only aborting the
-        /// client connection is left.
+        /// The response head had arrived when the body broke off (reset, early
+        /// close, idle timeout, bad framing): only aborting the client connection
+        /// is left, unless the head had not gone out to the client yet (then 502).
         case responseTruncated = "response_truncated"
         /// The client went away (task cancelled, its body stream failed, or writing
         /// to it failed): the upstream connection was closed, there is nobody to answer.

@@ -653,8 +653,9 @@ public final class BackendNames: Sendable {
 /// The client's side of a proxied exchange: a ``ProxyResponseWriter`` that
 /// also tells whether the response head has gone out.
 public protocol ClientResponseWriting: ProxyResponseWriter {
-    /// Whether ``writeHead(_:)`` has been called: after it, an error can only
-    /// close the connection.
+    /// Whether the response head has gone to the client: after it, an error
+    /// can only close the connection. A writer that still holds the head back
+    /// says false, and the error is answered in its place.
     var headWritten: Bool { get }
 }
 

@@ -12,6 +12,11 @@ import Synchronization
 /// - `/bytes?n=N`: `N` bytes with `Content-Length`, written 64 KiB at a time
 ///   with backpressure (``bytesWritten`` counts what was handed to the socket).
 /// - `/chunked?parts=P`: `P` chunks of `part-<i>;` without a length, then trailer `x-checksum: P`.
+/// - `/whole?n=N`: `N` bytes with `Content-Length`, head, body and end in one
+///   socket write (a small one reaches the proxy in one read).
+/// - `/pause`: sends a chunked head and the chunk `first;`, waits until
+///   ``releasePauses()`` (or 10 s, or the connection closes), then sends
+///   `second;` and the end; ``pausesReleased`` says whether the wait is over.
 /// - `/sink[?slow=1]`: reads the body (``bytesReceivedBySink`` counts it) and answers `x-received-bytes`.
 /// - `/hang`: reads the request and never answers.
 /// - `/hang-body`: sends a head announcing 100 bytes, 10 of them, then nothing.
@@ -26,10 +31,11 @@ import Synchronization
 /// - `/healthz`: 200 while ``isHealthy`` (settable), else 503; counted in ``healthChecks``.
 /// Every response carries `x-connection-id`, the number of the TCP connection.
 ///
-/// `.garbage` answers any bytes with bytes that are not HTTP; `.neverAccept`
+/// `.garbage` answers any bytes with bytes that are not HTTP; `.raw(text)`
+/// answers the first bytes of each connection with `text` and closes; `.neverAccept`
 /// listens with a backlog of 1 and never accepts, so connects beyond the backlog hang.
 final class UpstreamTestBackend: Sendable {
-    enum Mode: Sendable { case http, garbage, neverAccept }
+    enum Mode: Sendable { case http, garbage, raw(String), neverAccept }
 
     let port: Int
     /// How long `/delayed` waits before answering.
@@ -43,6 +49,7 @@ final class UpstreamTestBackend: Sendable {
     private let sinkReceived = Atomic<Int>(0)
     private let healthy = Atomic<Bool>(true)
     private let healthCount = Atomic<Int>(0)
+    private let released = Atomic<Bool>(false)
     private let socketBytes: SocketWriteCounter.Total
     private let unserved: Unserved
     private let children: Mutex<[ObjectIdentifier: any Channel]>
@@ -69,6 +76,11 @@ final class UpstreamTestBackend: Sendable {
     var disconnectsWhileDelayed: Int { delayedDisconnects.load(ordering: .relaxed) }
     /// Requests that arrived with a header whose name starts `x-balancer-`.
     var requestsWithBalancerHeaders: Int { balancerHeaders.load(ordering: .relaxed) }
+    /// Whether `/pause` responses went on (the test released them, or they timed out).
+    var pausesReleased: Bool { released.load(ordering: .relaxed) }
+
+    /// Lets every `/pause` response, waiting or to come, send its second chunk and end.
+    func releasePauses() { released.store(true, ordering: .relaxed) }
 
     private init(
         port: Int,
@@ -138,6 +150,16 @@ final class UpstreamTestBackend: Sendable {
                 .childChannelInitializer { channel in
                     channel.eventLoop.makeCompletedFuture {
                         try channel.pipeline.syncOperations.addHandler(GarbageHandler())
+                    }
+                }
+                .bind(host: "127.0.0.1", port: port).get()
+            return UpstreamTestBackend(port: channel.localAddress!.port!, serverChannel: channel)
+        case .raw(let text):
+            let channel = try await ServerBootstrap(group: group)
+                .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+                .childChannelInitializer { channel in
+                    channel.eventLoop.makeCompletedFuture {
+                        try channel.pipeline.syncOperations.addHandler(RawAnswerHandler(answer: text))
                     }
                 }
                 .bind(host: "127.0.0.1", port: port).get()
@@ -253,6 +275,26 @@ final class UpstreamTestBackend: Sendable {
                 try await outbound.write(.body(.byteBuffer(ByteBuffer(string: "part-\(index);"))))
             }
             try await outbound.write(.end(["x-checksum": String(parts)]))
+            return true
+        case "/whole":
+            try await Self.drain(&requests)
+            let total = Int(query["n"] ?? "0") ?? 0
+            headers.add(name: "content-length", value: String(total))
+            try await outbound.write(contentsOf: [
+                .head(HTTPResponseHead(version: .http1_1, status: .ok, headers: headers)),
+                .body(.byteBuffer(ByteBuffer(repeating: UInt8(ascii: "w"), count: total))), .end(nil),
+            ])
+            return true
+        case "/pause":
+            try await Self.drain(&requests)
+            try await outbound.write(.head(HTTPResponseHead(version: .http1_1, status: .ok, headers: headers)))
+            try await outbound.write(.body(.byteBuffer(ByteBuffer(string: "first;"))))
+            let deadline = ContinuousClock.now + .seconds(10)
+            while !pausesReleased && connection.channel.isActive && ContinuousClock.now < deadline {
+                try await Task.sleep(for: .milliseconds(5))
+            }
+            releasePauses()
+            try await outbound.write(contentsOf: [.body(.byteBuffer(ByteBuffer(string: "second;"))), .end(nil)])
             return true
         case "/sink":
             // `?slow=1`: pause 1 ms every 32 pieces, slower than the client.
@@ -436,6 +478,26 @@ private final class SocketWriteCounter: ChannelOutboundHandler, RemovableChannel
         let total = self.total
         promise.futureResult.whenSuccess { total.add(count) }
         context.write(data, promise: promise)
+    }
+}
+
+/// Answers the first bytes of a connection with a fixed text, then closes it.
+private final class RawAnswerHandler: ChannelInboundHandler {
+    typealias InboundIn = ByteBuffer
+    typealias OutboundOut = ByteBuffer
+
+    let answer: String
+    private var answered = false
+
+    init(answer: String) { self.answer = answer }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        guard !answered else { return }
+        answered = true
+        let context = NIOLoopBound(context, eventLoop: context.eventLoop)
+        context.value.writeAndFlush(wrapOutboundOut(ByteBuffer(string: answer))).whenComplete { _ in
+            context.value.close(promise: nil)
+        }
     }
 }
 

@@ -1,0 +1,105 @@
+import NIOCore
+import Testing
+
+@testable import BalancerServer
+
+/// How the proxy writes a backend's response to the client: as the backend
+/// sends it, never more than it can answer for, and never faster than the
+/// client reads (``ClientResponseWriter``).
+@Suite("proxied responses stream: what the client sees while the backend sends, stalls or fails")
+struct ProxyStreamingTests {
+    @Test("a backend that sends a head and a first chunk, then pauses: the client has both before the pause ends")
+    func streamsWhatHasArrived() async throws {
+        let backend = try await UpstreamTestBackend.start()
+        defer { Task { await backend.stop() } }
+        try await withProxy([backend.port]) { server, _ in
+            try await withRawConnection(port: server.port) { connection in
+                try await connection.send("GET /pause HTTP/1.1\r\nHost: x\r\n\r\n")
+                let first = try #require(try await connection.read(through: "first;\r\n"))
+                #expect(!backend.pausesReleased, "the first chunk reached the client only after the backend went on")
+                #expect(first.hasPrefix("HTTP/1.1 200 OK\r\n"))
+                #expect(first.hasSuffix("\r\n\r\n6\r\nfirst;\r\n"), "\(first.debugDescription)")
+                backend.releasePauses()
+                let rest = try #require(try await connection.read(through: "0\r\n\r\n"))
+                #expect(rest == "7\r\nsecond;\r\n0\r\n\r\n")
+            }
+        }
+    }
+
+    @Test("a backend that dies after its head: the client gets that head, then the connection closes; 2xx is recorded")
+    func headThenClose() async throws {
+        let backend = try await UpstreamTestBackend.start(mode: .raw("HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n"))
+        defer { Task { await backend.stop() } }
+        try await withProxy([backend.port]) { server, upstream in
+            try await withRawConnection(port: server.port) { connection in
+                try await connection.send("GET /anything HTTP/1.1\r\nHost: x\r\n\r\n")
+                let head = try #require(try await connection.read(through: "\r\n\r\n"))
+                #expect(head.hasPrefix("HTTP/1.1 200 OK\r\n"))
+                #expect(head.lowercased().contains("content-length: 100\r\n"))
+                #expect(try await connection.readUntilClosed(), "nothing more arrives: the connection closes")
+            }
+            let pool = upstream.poolName.rawValue
+            #expect(
+                try await eventually {
+                    let text = try await request(server.url("/metrics")).text
+                    return prometheusSample(text, #"balancer_requests_total{pool="\#(pool)",class="2xx"}"#) == 1
+                })
+            let text = try await request(server.url("/metrics")).text
+            #expect(prometheusSample(text, #"balancer_requests_total{pool="\#(pool)",class="5xx"}"#) ?? 0 == 0)
+        }
+    }
+
+    @Test("a backend whose body breaks in the read that brought its head: the client gets a 502 JSON, and 5xx is recorded")
+    func brokenBeforeTheHeadWentOut() async throws {
+        // "zz" is not a chunk size: the decoder fails right after the head, in the same read.
+        let backend = try await UpstreamTestBackend.start(
+            mode: .raw("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"))
+        defer { Task { await backend.stop() } }
+        try await withProxy([backend.port]) { server, upstream in
+            let response = try await request(server.url("/anything"))
+            #expect(response.status == 502)
+            #expect(response.errorCode == "response_truncated")
+            #expect(response.header("content-type") == "application/json")
+            let pool = upstream.poolName.rawValue
+            #expect(
+                try await eventually {
+                    let text = try await request(server.url("/metrics")).text
+                    return prometheusSample(text, #"balancer_requests_total{pool="\#(pool)",class="5xx"}"#) == 1
+                })
+            let text = try await request(server.url("/metrics")).text
+            #expect(prometheusSample(text, #"balancer_requests_total{pool="\#(pool)",class="2xx"}"#) ?? 0 == 0)
+        }
+    }
+
+    @Test("a client that pipelines requests and reads nothing backs the server up; then every answer arrives")
+    func pipelinedWithoutReading() async throws {
+        let backend = try await UpstreamTestBackend.start()
+        defer { Task { await backend.stop() } }
+        try await withProxy([backend.port]) { server, _ in
+            let count = 1000
+            let size = 16 * 1024
+            // A small receive window: the kernel holds little of what the client does not read.
+            try await withRawConnection(port: server.port, receiveBuffer: 16 * 1024) { connection in
+                let one = "GET /whole?n=\(size) HTTP/1.1\r\nHost: x\r\n\r\n"
+                try await connection.send(String(repeating: one, count: count))
+                // Each response arrives whole in one read: the proxy writes it at its end.
+                // Wait until the server takes no more requests (none for a second).
+                var taken = -1
+                let deadline = ContinuousClock.now + .seconds(30)
+                while backend.requestsReceived != taken && ContinuousClock.now < deadline {
+                    taken = backend.requestsReceived
+                    try await Task.sleep(for: .seconds(1))
+                }
+                // 1000 answers are 16 MB; the kernel's buffers hold at most about 4 MB of them.
+                #expect(taken < count / 2, "the server answered \(taken) of \(count) requests the client did not read")
+                print("\(count) pipelined requests, client not reading: the server took \(taken)")
+                var answered = 0
+                while answered < count, let response = try await connection.readResponse() {
+                    guard response.status == 200, response.body.utf8.count == size else { break }
+                    answered += 1
+                }
+                #expect(answered == count, "every request is answered once the client reads")
+            }
+        }
+    }
+}
