@@ -803,7 +803,10 @@ public actor Balancer {
     /// its limit for them; none is lost.
     ///
     /// A copy of a replicated request is dropped instead while another copy is
-    /// open: it would only add load.
+    /// open: it would only add load. A restricted request
+    /// (``submitOnWorker(ifRoomAmong:_:)``) ends `busy`: it runs at once on a
+    /// worker it chose or not at all, so it never waits in the backlog, where
+    /// any worker could take it.
     private func requeueQueued(of worker: Worker) {
         let queued = worker.withdrawAll()
         guard !queued.isEmpty else { return }
@@ -811,6 +814,10 @@ public actor Balancer {
         pendingTotal -= queued.count
         let deadline = ContinuousClock.now + configuration.queueTimeout
         for request in queued.reversed() {
+            if request.eligible != nil {
+                finish(request, with: .busy)
+                continue
+            }
             if let group = request.group, group.endIfRedundant() {
                 request.phase = .finished
                 update(group) { $0.live -= 1 }

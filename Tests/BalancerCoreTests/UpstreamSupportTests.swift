@@ -263,6 +263,49 @@ struct UpstreamSupportTests {
         }
     }
 
+    @Test("a restricted request queued on a worker that goes down ends busy, never in the backlog")
+    func restrictedRequestTakenBackEndsBusy() async throws {
+        let balancer = Balancer(configuration: .init(workers: 2, capacity: 2, backlog: 4))
+        let held = HeldOperations()
+        let ran = Recorder()
+        try await withRunning(balancer) { balancer in
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                group.addTask { _ = try await balancer.submitWithReceipt(held.operation()) }
+                var stats = await eventually(balancer) { $0.inFlight == 1 }
+                #expect(stats.workers.map(\.pending) == [1, 0])
+                // Worker 0 has room for one more: the restricted request waits
+                // on its channel behind the held one.
+                group.addTask {
+                    await #expect(throws: BalancerError.busy) {
+                        try await balancer.submitOnWorker(ifRoomAmong: { $0 == 0 }) { worker in
+                            ran.record("ran on \(worker)")
+                            return worker
+                        }
+                    }
+                }
+                stats = await eventually(balancer) { $0.inFlight == 2 }
+                #expect(stats.workers.map(\.pending) == [2, 0])
+                #expect(await balancer.markDown(0))
+                stats = await eventually(balancer) { $0.inFlight == 1 }
+                #expect(stats.busy == 1)
+                #expect(stats.backlogDepth == 0, "the restricted request did not move to the backlog")
+                #expect(stats.workers.map(\.pending) == [1, 0], "and did not run on worker 1")
+                checkAccounting(stats)
+                while (await balancer.stats()).inFlight > 0 {
+                    _ = held.releaseOne { _ in 0 }
+                    try await Task.sleep(for: .milliseconds(1))
+                }
+                try await group.waitForAll()
+            }
+            #expect(ran.all.isEmpty)
+            let stats = await balancer.stats()
+            #expect(stats.workers.map(\.pending) == [0, 0])
+            #expect(stats.completed == 1)
+            checkAccounting(stats)
+            #expect(await balancer.poolIsValid())
+        }
+    }
+
     @Test("decayWeight approximates exp(-x)")
     func decayWeightApproximatesExp() {
         let expected: [(Double, Double)] = [(0, 1), (0.5, 0.606_530_66), (1, 0.367_879_44), (2, 0.135_335_28), (5, 0.006_737_95)]
