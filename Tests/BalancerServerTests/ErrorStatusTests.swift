@@ -172,26 +172,29 @@ struct ErrorStatusTests {
     @Test("503 overloaded, with Retry-After: every worker full and no backlog")
     func overloaded() async throws {
         try await withServer({ $0.workers = 1; $0.capacity = 1; $0.backlog = 0 }) { server in
-            async let slow = postJob(server, #"{"op":"sleep","ms":800}"#)
-            #expect(try await eventually { await server.balancer.stats().inFlight == 1 })
-            let refused = try await postJob(server, #"{"op":"multiply","x":6,"y":7}"#)
-            #expect(refused.status == 503)
-            #expect(refused.errorCode == "overloaded")
-            #expect(refused.header("Retry-After") == "1")
-            #expect(try await slow.status == 200)
+            try await whileAJobRuns(server) {
+                #expect(try await eventually { await server.balancer.stats().inFlight == 1 })
+                let refused = try await postJob(server, #"{"op":"multiply","x":6,"y":7}"#)
+                #expect(refused.status == 503)
+                #expect(refused.errorCode == "overloaded")
+                #expect(refused.header("Retry-After") == "1")
+            }
+            #expect(try await eventually { await server.balancer.stats().inFlight == 0 })
+            #expect(try await postJob(server, #"{"op":"multiply","x":6,"y":7}"#).status == 200, "a free worker takes work again")
         }
     }
 
     @Test("503 queue_timeout, with Retry-After: waited in the backlog too long")
     func queueTimeout() async throws {
         try await withServer({ $0.workers = 1; $0.capacity = 1; $0.queueTimeoutMilliseconds = 100 }) { server in
-            async let slow = postJob(server, #"{"op":"sleep","ms":800}"#)
-            #expect(try await eventually { await server.balancer.stats().inFlight == 1 })
-            let late = try await postJob(server, #"{"op":"multiply","x":6,"y":7}"#)
-            #expect(late.status == 503)
-            #expect(late.errorCode == "queue_timeout")
-            #expect(late.header("Retry-After") == "1")
-            #expect(try await slow.status == 200)
+            try await whileAJobRuns(server) {
+                #expect(try await eventually { await server.balancer.stats().inFlight == 1 })
+                let late = try await postJob(server, #"{"op":"multiply","x":6,"y":7}"#)
+                #expect(late.status == 503)
+                #expect(late.errorCode == "queue_timeout")
+                #expect(late.header("Retry-After") == "1")
+                #expect(await server.balancer.stats().queueTimeouts == 1)
+            }
         }
     }
 
@@ -227,12 +230,14 @@ struct ErrorStatusTests {
         try await withServer { server in
             let clock = ContinuousClock()
             let start = clock.now
-            let result = try await postJob(server, #"{"op":"spin","ms":5000,"timeout_ms":100}"#)
+            let result = try await postJob(server, #"{"op":"spin","ms":10000,"timeout_ms":100}"#)
             #expect(result.status == 504)
             #expect(result.errorCode == "job_timeout")
-            #expect(clock.now - start < .seconds(3))
-            // The spin saw the cancellation: nothing is left running.
-            #expect(try await eventually { await server.balancer.stats().inFlight == 0 })
+            // Both long before the 10 s spin would have ended by itself: the
+            // answer, and the spin seeing the cancellation (nothing left running).
+            let deadline = start + .seconds(8)
+            #expect(clock.now < deadline)
+            #expect(try await eventually(timeout: deadline - clock.now) { await server.balancer.stats().inFlight == 0 })
         }
     }
 }

@@ -194,12 +194,14 @@ struct ServerBehaviourTests {
     func idleTimeout() async throws {
         try await withServer({ $0.idleTimeoutMilliseconds = 1_000 }) { server in
             try await withRawConnection(port: server.port) { connection in
-                try await connection.send("GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-                #expect(try await connection.readResponse()?.status == 200)
+                // The clock starts before the request, so the idle time (from the
+                // answer's end) is all inside it however late the answer is read.
                 let clock = ContinuousClock()
                 let start = clock.now
+                try await connection.send("GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                #expect(try await connection.readResponse()?.status == 200)
                 #expect(try await connection.readUntilClosed())
-                #expect(clock.now - start >= .milliseconds(700))
+                #expect(clock.now - start >= .milliseconds(950))
             }
         }
     }
@@ -207,18 +209,20 @@ struct ServerBehaviourTests {
     @Test("a client that disconnects while its job is queued: the job never runs")
     func disconnectWhileQueued() async throws {
         try await withServer({ $0.workers = 1; $0.capacity = 1 }) { server in
-            async let first = postJob(server, #"{"op":"sleep","ms":600}"#)
-            #expect(try await eventually { await server.balancer.stats().inFlight == 1 })
-            try await withRawConnection(port: server.port) { connection in
-                let job = #"{"op":"sleep","ms":1}"#
-                try await connection.send("POST /jobs HTTP/1.1\r\nHost: x\r\nContent-Length: \(job.utf8.count)\r\n\r\n\(job)")
-                #expect(try await eventually { await server.balancer.stats().backlogDepth == 1 })
-            }  // closes the connection while the job waits in the backlog
-            #expect(try await eventually { await server.balancer.stats().cancelled == 1 })
-            #expect(try await first.status == 200)
+            try await whileAJobRuns(server) {
+                #expect(try await eventually { await server.balancer.stats().inFlight == 1 })
+                try await withRawConnection(port: server.port) { connection in
+                    try await connection.postJob(#"{"op":"multiply","x":6,"y":7}"#)
+                    #expect(try await eventually { await server.balancer.stats().backlogDepth == 1 })
+                }  // closes the connection while the job waits in the backlog
+                #expect(try await eventually { await server.balancer.stats().cancelled == 1 })
+            }  // cancels the running job: the worker is free
+            #expect(try await eventually { await server.balancer.stats().inFlight == 0 })
+            // Sent last, so it would queue behind the first queued job had that one been kept.
+            #expect(try await postJob(server, #"{"op":"multiply","x":6,"y":7}"#).status == 200)
             let stats = await server.balancer.stats()
-            #expect(stats.workers[0].completed == 1, "only the first job ran")
-            #expect(stats.cancelled == 1)
+            #expect(stats.workers[0].completed == 1, "only the job sent last ran")
+            #expect(stats.cancelled == 2)
             #expect(stats.inFlight == 0)
             #expect(stats.workers[0].pending == 0)
         }
@@ -245,18 +249,23 @@ struct ServerBehaviourTests {
 
     @Test("graceful drain: in-flight jobs get 200 with Connection: close; idle connections are closed")
     func drain() async throws {
-        try await withServer { server in
+        try await withServer({ $0.workers = 1; $0.capacity = 1 }) { server in
             try await withRawConnection(port: server.port) { idle in
                 try await idle.send("GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
                 #expect(try await idle.readResponse()?.status == 200)
                 try await withRawConnection(port: server.port) { busy in
-                    let job = #"{"op":"sleep","ms":300}"#
-                    try await busy.send("POST /jobs HTTP/1.1\r\nHost: x\r\nContent-Length: \(job.utf8.count)\r\n\r\n\(job)")
-                    #expect(try await eventually { await server.balancer.stats().inFlight == 1 })
-                    await server.group.triggerGracefulShutdown()
-                    #expect(try await idle.readUntilClosed(), "the idle connection is closed at once")
+                    // The busy connection's job waits behind a long one, so it is
+                    // surely still in flight when the drain begins, however slow the machine.
+                    try await whileAJobRuns(server) {
+                        #expect(try await eventually { await server.balancer.stats().inFlight == 1 })
+                        try await busy.postJob(#"{"op":"multiply","x":6,"y":7}"#)
+                        #expect(try await eventually { await server.balancer.stats().backlogDepth == 1 })
+                        await server.group.triggerGracefulShutdown()
+                        #expect(try await idle.readUntilClosed(), "the idle connection is closed at once")
+                    }  // cancels the long job: the queued one runs during the drain
                     let response = try #require(try await busy.readResponse())
                     #expect(response.status == 200)
+                    #expect(response.body.contains("\"result\":42"))
                     #expect(response.headers["connection"] == "close")
                     #expect(try await busy.readUntilClosed())
                 }
@@ -268,8 +277,7 @@ struct ServerBehaviourTests {
     func gracePeriodEnds() async throws {
         try await withServer({ $0.gracePeriodMilliseconds = 300 }) { server in
             try await withRawConnection(port: server.port) { connection in
-                let job = #"{"op":"sleep","ms":5000}"#
-                try await connection.send("POST /jobs HTTP/1.1\r\nHost: x\r\nContent-Length: \(job.utf8.count)\r\n\r\n\(job)")
+                try await connection.postJob(#"{"op":"sleep","ms":10000}"#)
                 #expect(try await eventually { await server.balancer.stats().inFlight == 1 })
                 let clock = ContinuousClock()
                 let start = clock.now
@@ -278,7 +286,8 @@ struct ServerBehaviourTests {
                 #expect(response.status == 503)
                 #expect(response.errorCode == "shutting_down")
                 #expect(response.headers["connection"] == "close")
-                #expect(clock.now - start < .seconds(3))
+                // Long before the job would have ended by itself.
+                #expect(clock.now - start < .seconds(8))
             }
         }
     }

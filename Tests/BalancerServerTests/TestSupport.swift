@@ -142,6 +142,11 @@ final class RawConnection {
         try await outbound.write(buffer)
     }
 
+    /// Sends `POST /jobs` with `job` as its body.
+    func postJob(_ job: String) async throws {
+        try await send("POST /jobs HTTP/1.1\r\nHost: x\r\nContent-Length: \(job.utf8.count)\r\n\r\n\(job)")
+    }
+
     /// Reads one response (status, headers, Content-Length body); nil if the connection closed first.
     func readResponse() async throws -> RawResponse? {
         while true {
@@ -234,9 +239,28 @@ func withRawConnection<T: Sendable>(
     }
 }
 
-/// Polls `condition` every 20 ms until it holds or `timeout` passes.
+/// Runs `body` while a sleep job of `milliseconds` (the default `max_job_ms`)
+/// runs or waits on the server: far longer than any assertion takes on a
+/// loaded machine, so the job cannot end under the test's feet. It is sent on
+/// its own connection, which is closed when `body` returns: that cancels the
+/// job, so the test does not wait it out. Wait for the job to reach a worker
+/// (or the backlog) inside `body`, in whatever terms the test needs.
+func whileAJobRuns<T: Sendable>(
+    _ server: TestServer,
+    milliseconds: Int = 10_000,
+    _ body: () async throws -> T
+) async throws -> T {
+    try await withRawConnection(port: server.port) { connection in
+        try await connection.postJob(#"{"op":"sleep","ms":\#(milliseconds)}"#)
+        return try await body()
+    }
+}
+
+/// Polls `condition` every 20 ms until it holds or `timeout` passes. The
+/// default is generous: it is only reached when the test fails, and a loaded
+/// 2-core CI machine can take seconds to reach a state a quiet one reaches at once.
 func eventually(
-    timeout: Duration = .seconds(5),
+    timeout: Duration = .seconds(20),
     _ condition: () async throws -> Bool
 ) async throws -> Bool {
     let deadline = ContinuousClock.now + timeout
