@@ -175,7 +175,7 @@ struct EndToEndTests {
         #expect(try await server.waitForExit() == 0)
     }
 
-    @Test("64 concurrent 300 ms sleeps on 8 workers: each worker's pending is within 1 of the others")
+    @Test("64 concurrent 1 s sleeps on 8 workers: each worker's pending is within 1 of the others")
     func balance() async throws {
         let server = try ServeProcess(["--port", "0", "--workers", "8"])
         defer { server.stop() }
@@ -183,9 +183,12 @@ struct EndToEndTests {
         let url = server.url("/jobs")
         try await withThrowingTaskGroup(of: Int.self) { group in
             for _ in 0..<64 {
-                group.addTask { try await request(url, method: "POST", body: #"{"op":"sleep","ms":300}"#).status }
+                // Long enough that none ends before all 64 are in, even on a loaded
+                // machine; short enough that each worker's 8, one after another,
+                // end within the client's timeout.
+                group.addTask { try await request(url, method: "POST", body: #"{"op":"sleep","ms":1000}"#).status }
             }
-            #expect(try await eventually(timeout: .seconds(5)) {
+            #expect(try await eventually {
                 let stats = try await request(server.url("/stats")).json
                 let totals = try #require(stats["totals"] as? [String: Any])
                 return (totals["submitted"] as? NSNumber)?.intValue == 64
@@ -214,11 +217,11 @@ struct EndToEndTests {
             // 8 running and 8 queued behind them.
             for _ in 0..<16 {
                 group.addTask {
-                    let result = try await request(url, method: "POST", body: #"{"op":"sleep","ms":500}"#)
+                    let result = try await request(url, method: "POST", body: #"{"op":"sleep","ms":2000}"#)
                     return (result.status, result.header("Connection") ?? "")
                 }
             }
-            #expect(try await eventually(timeout: .seconds(5)) {
+            #expect(try await eventually {
                 let stats = try await request(server.url("/stats")).json
                 let totals = try #require(stats["totals"] as? [String: Any])
                 return (totals["in_flight"] as? NSNumber)?.intValue == 16
@@ -246,7 +249,7 @@ struct EndToEndTests {
         let status = try String(contentsOfFile: "/proc/\(child)/status", encoding: .utf8)
         #expect(status.split(separator: "\n").contains { $0.hasPrefix("NSpid:") && $0.hasSuffix("\t1") })
         let url = server.url("/jobs")
-        async let job = request(url, method: "POST", body: #"{"op":"sleep","ms":500}"#)
+        async let job = request(url, method: "POST", body: #"{"op":"sleep","ms":2000}"#)
         #expect(try await eventually {
             let stats = try await request(server.url("/stats")).json
             return ((stats["totals"] as? [String: Any])?["in_flight"] as? NSNumber)?.intValue == 1
