@@ -205,16 +205,16 @@ struct ErrorStatusTests {
                 // A whole request first, so the connection is surely accepted and served.
                 try await connection.send("GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
                 #expect(try await connection.readResponse()?.status == 200)
-                // The head has begun to arrive when the drain starts, so the
-                // connection is kept to answer it; the balancer takes no new work.
-                // The pause lets the server read those bytes even on a loaded machine.
-                try await connection.send("POST /jobs HTTP/1.1\r\n")
-                try await Task.sleep(for: .milliseconds(400))
+                // The head has arrived when the drain starts (the 100 Continue
+                // says so), so the connection is kept to answer it; the job in
+                // its body comes during the drain, when the balancer takes no new work.
+                let job = #"{"op":"multiply","x":6,"y":7}"#
+                try await connection.send("POST /jobs HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: \(job.utf8.count)\r\n\r\n")
+                #expect(try await connection.readResponse()?.status == 100)
                 await server.group.triggerGracefulShutdown()
                 #expect(try await eventually { server.server.state.isDraining })
                 #expect(try await eventually { await server.balancer.stats().shuttingDown })
-                let job = #"{"op":"multiply","x":6,"y":7}"#
-                try await connection.send("Host: x\r\nContent-Length: \(job.utf8.count)\r\n\r\n\(job)")
+                try await connection.send(job)
                 let refused = try #require(try await connection.readResponse())
                 #expect(refused.status == 503)
                 #expect(refused.errorCode == "shutting_down")
