@@ -85,6 +85,12 @@ struct ObservabilityTests {
             }
             // A job that fails runs but is not timed: it is not `completed`.
             #expect(try await postJob(server, #"{"op":"multiply","x":9223372036854775807,"y":2}"#).status == 422)
+            // A worker's `completed` counts when it reports done, just after
+            // its answer went out: wait for every report.
+            #expect(try await eventually {
+                let stats = await server.balancer.stats()
+                return stats.workers.allSatisfy { $0.pending == 0 } && stats.completed + stats.failed == 41
+            })
             let stats = try await request(server.url("/stats")).json
             let workers = try #require(stats["workers"] as? [[String: Any]])
             #expect(workers.count == 4)

@@ -220,6 +220,8 @@ struct ServerBehaviourTests {
             #expect(try await eventually { await server.balancer.stats().inFlight == 0 })
             // Sent last, so it would queue behind the first queued job had that one been kept.
             #expect(try await postJob(server, #"{"op":"multiply","x":6,"y":7}"#).status == 200)
+            // The answer comes before the worker reports done: wait for the report.
+            #expect(try await eventually { await server.balancer.stats().workers[0].pending == 0 })
             let stats = await server.balancer.stats()
             #expect(stats.workers[0].completed == 1, "only the job sent last ran")
             #expect(stats.cancelled == 2)
