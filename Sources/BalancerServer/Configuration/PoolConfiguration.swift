@@ -69,17 +69,7 @@ public struct PoolConfiguration: Sendable, Equatable {
     /// Every field of a pool object, in the order `--print-config` shows them.
     static let keys: [ObjectKey<PoolConfiguration>] = [
         .string("name", \.name),
-        .custom(
-            "kind",
-            set: { (pool, json, path) throws(ConfigurationError) in
-                let text = try json.configString(path)
-                guard let kind = Kind(rawValue: text) else {
-                    throw ConfigurationError("\(path): \"\(text)\" is not one of \(Kind.allCases.map(\.rawValue).joined(separator: ", "))")
-                }
-                pool.kind = kind
-            },
-            get: { .string($0.kind.rawValue) }
-        ),
+        .choice("kind", \.kind),
         .custom(
             "route",
             set: { (pool, json, path) throws(ConfigurationError) in
@@ -117,17 +107,7 @@ public struct PoolConfiguration: Sendable, Equatable {
         .int64("fail_timeout_ms", \.failTimeoutMilliseconds, range: 1...3_600_000),
         .int64("connect_timeout_ms", \.connectTimeoutMilliseconds, range: 1...600_000),
         .int64("response_timeout_ms", \.responseTimeoutMilliseconds, range: 1...3_600_000),
-        .custom(
-            "strategy",
-            set: { (pool, json, path) throws(ConfigurationError) in
-                let text = try json.configString(path)
-                guard let strategy = Strategy(rawValue: text) else {
-                    throw ConfigurationError("\(path): \"\(text)\" is not one of \(Strategy.allCases.map(\.rawValue).joined(separator: ", "))")
-                }
-                pool.strategy = strategy
-            },
-            get: { .string($0.strategy.rawValue) }
-        ),
+        .choice("strategy", \.strategy),
         .custom(
             "hedge",
             set: { (pool, json, path) throws(ConfigurationError) in
@@ -271,6 +251,24 @@ struct ObjectKey<Value>: Sendable {
                 value[keyPath: keyPath] = text
             },
             get: { .string($0[keyPath: keyPath]) }
+        )
+    }
+
+    /// A field whose value is one of an enumeration's raw names.
+    static func choice<Choice: RawRepresentable<String> & CaseIterable & SendableMetatype>(
+        _ name: String, _ keyPath: WritableKeyPath<Value, Choice> & Sendable
+    ) -> Self {
+        let names = Choice.allCases.map(\.rawValue).joined(separator: ", ")
+        return Self(
+            name: name,
+            set: { (value, json, path) throws(ConfigurationError) in
+                let text = try json.configString(path)
+                guard let choice = Choice(rawValue: text) else {
+                    throw ConfigurationError("\(path): \"\(text)\" is not one of \(names)")
+                }
+                value[keyPath: keyPath] = choice
+            },
+            get: { .string($0[keyPath: keyPath].rawValue) }
         )
     }
 
