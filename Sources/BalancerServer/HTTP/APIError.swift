@@ -73,12 +73,13 @@ public struct APIError: Error, Sendable, Equatable {
                 self.init(status: .unprocessableEntity, code: "overflow", message: reason)
             }
         case let error as UpstreamError:
-            // 502 for a backend that failed, 504 for one too slow; the message names it.
-            self.init(
-                status: error.kind.suggestedStatus ?? .badGateway,
-                code: error.kind.rawValue,
-                message: "\(error); the request was tried on every backend it could be"
-            )
+            // 502 for a backend that failed, 504 for one too slow; the message
+            // names it and says whether the failure allowed another try.
+            let tries =
+                error.kind.retry == .never
+                ? "not tried again: the backend may have acted on the request"
+                : "the request was tried on every backend it could be"
+            self.init(status: error.kind.suggestedStatus ?? .badGateway, code: error.kind.rawValue, message: "\(error); \(tries)")
         case let error as UpstreamPool.ChangeError:
             switch error {
             case .unknownBackend(let name):

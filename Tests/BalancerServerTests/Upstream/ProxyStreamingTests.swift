@@ -59,6 +59,10 @@ struct ProxyStreamingTests {
             let response = try await request(server.url("/anything"))
             #expect(response.status == 502)
             #expect(response.errorCode == "response_truncated")
+            // A truncated response is never tried again, and the message says so.
+            let message = try #require(try response.json["message"] as? String)
+            #expect(message.hasPrefix("backend "), "\(message)")
+            #expect(message.hasSuffix("; not tried again: the backend may have acted on the request"), "\(message)")
             #expect(response.header("content-type") == "application/json")
             let pool = upstream.poolName.rawValue
             #expect(

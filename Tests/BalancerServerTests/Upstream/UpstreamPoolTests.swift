@@ -130,6 +130,7 @@ struct UpstreamPoolTests {
             #expect(result.status == 504)
             #expect(result.errorCode == "response_timeout")
             #expect(result.text.contains("backend1"))
+            #expect(result.text.contains("not tried again"), "a response timeout is never retried: \(result.text)")
             #expect(ContinuousClock.now - start < .seconds(5))
         }
     }
