@@ -117,20 +117,46 @@ struct CommandLineClientTests {
         let binary = try #require(balancerBinary)
         try await withServer { server in
             let url = "http://127.0.0.1:\(server.port)"
-            let timeout = URL(fileURLWithPath: "/usr/bin/timeout")
-            let (_, plain) = try await runProcess(
-                timeout, ["-s", "INT", "3", binary.path, "stats", "--watch", "--interval-ms", "200", "--url", url])
-            let snapshots = plain.components(separatedBy: "\(url)  least-loaded").count - 1
-            #expect(snapshots >= 2, "\(plain)")
+            let marker = "\(url)  least-loaded"
+            let plain = try await watchUntilTwoSnapshots(binary, ["stats", "--watch", "--interval-ms", "200", "--url", url], marker: marker)
+            #expect(plain.components(separatedBy: marker).count - 1 >= 2, "\(plain)")
             #expect(!plain.contains("\u{1B}"), "\(plain)")
 
             let script = URL(fileURLWithPath: "/usr/bin/script")
             guard FileManager.default.isExecutableFile(atPath: script.path) else { return }
-            let command = "timeout -s INT 3 \(binary.path) stats --watch --interval-ms 200 --url \(url)"
-            let (_, screen) = try await runProcess(script, ["-qfc", command, "/dev/null"])
+            // `exec`: the shell script starts becomes the balancer, which gets the SIGINT.
+            let command = "exec \(binary.path) stats --watch --interval-ms 200 --url \(url)"
+            let screen = try await watchUntilTwoSnapshots(script, ["-qfc", command, "/dev/null"], marker: "\u{1B}[H\(marker)", inChild: true)
             #expect(screen.hasPrefix("\u{1B}[?25l\u{1B}[2J\u{1B}[H"), "\(screen.debugDescription)")
-            #expect(screen.components(separatedBy: "\u{1B}[H\(url)  least-loaded").count - 1 >= 2, "\(screen.debugDescription)")
+            #expect(screen.components(separatedBy: "\u{1B}[H\(marker)").count - 1 >= 2, "\(screen.debugDescription)")
             #expect(screen.hasSuffix("\u{1B}[?25h"), "\(screen.debugDescription)")
         }
+    }
+
+    /// Runs `executable` until its output shows `marker` twice (two snapshots;
+    /// waiting up to 30 s, however slowly the machine starts it), then sends
+    /// SIGINT (to its child with `inChild`, the command `script` runs) and
+    /// returns everything it wrote by the time it exited.
+    private func watchUntilTwoSnapshots(_ executable: URL, _ arguments: [String], marker: String, inChild: Bool = false) async throws -> String {
+        let outputURL = FileManager.default.temporaryDirectory.appendingPathComponent("balancer-watch-\(UUID().uuidString).out")
+        _ = FileManager.default.createFile(atPath: outputURL.path, contents: nil)
+        defer { try? FileManager.default.removeItem(at: outputURL) }
+        let process = Process()
+        process.executableURL = executable
+        process.arguments = arguments
+        process.environment = ProcessInfo.processInfo.environment.filter { !$0.key.hasPrefix("BALANCER_") }
+        process.standardOutput = try FileHandle(forWritingTo: outputURL)
+        process.standardError = process.standardOutput
+        try process.run()
+        defer { if process.isRunning { process.terminate() } }
+        let output = { (try? String(contentsOf: outputURL, encoding: .utf8)) ?? "" }
+        let twoSnapshots = try await eventually(timeout: .seconds(30)) {
+            output().components(separatedBy: marker).count - 1 >= 2 || !process.isRunning
+        }
+        #expect(twoSnapshots && process.isRunning, "no two snapshots within 30 s: \(output().debugDescription)")
+        let target = inChild ? try #require(try childPID(of: process.processIdentifier)) : process.processIdentifier
+        kill(target, SIGINT)
+        #expect(try await eventually { !process.isRunning }, "it did not exit on SIGINT")
+        return output()
     }
 }
