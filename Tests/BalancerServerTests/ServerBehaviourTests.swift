@@ -145,6 +145,59 @@ struct ServerBehaviourTests {
         }
     }
 
+    @Test("a half-arrived head pipelined behind a whole request is timed like a first head: 408, then close")
+    func pipelinedPartialHead() async throws {
+        try await withServer({ $0.headerTimeoutMilliseconds = 300; $0.idleTimeoutMilliseconds = 5_000 }) { server in
+            try await withRawConnection(port: server.port) { connection in
+                // One write: the decoder keeps "GET /hea" once it has taken the first request.
+                try await connection.send("GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nGET /hea")
+                #expect(try await connection.readResponse()?.status == 200)
+                let timedOut = try #require(try await connection.readResponse(), "closed without a 408")
+                #expect(timedOut.status == 408)
+                #expect(timedOut.errorCode == "request_timeout")
+                #expect(timedOut.headers["connection"] == "close")
+                #expect(try await connection.readUntilClosed())
+            }
+        }
+    }
+
+    @Test("whole requests of every framing, then nothing: the connection is idle, closed without a 408")
+    func wholeRequestsLeaveTheConnectionIdle() async throws {
+        let job = #"{"op":"multiply","x":6,"y":7}"#
+        let fixed = "POST /jobs HTTP/1.1\r\nHost: x\r\nContent-Length: \(job.utf8.count)\r\n\r\n\(job)"
+        let chunked =
+            "POST /jobs HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+            + String(job.utf8.count, radix: 16) + "\r\n\(job)\r\n0\r\n\r\n"
+        let get = "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+        // Each write, and how many answers it gets.
+        let writes: [(String, Int)] = [(get, 1), (fixed, 1), (chunked, 1), (get + fixed, 2), (fixed + chunked + get, 3)]
+        try await withServer({ $0.headerTimeoutMilliseconds = 200; $0.idleTimeoutMilliseconds = 1_500 }) { server in
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                for (text, answers) in writes {
+                    group.addTask {
+                        try await withRawConnection(port: server.port) { connection in
+                            try await connection.send(text)
+                            for _ in 0..<answers { #expect(try await connection.readResponse()?.status == 200, "\(text)") }
+                            #expect(try await connection.readUntilClosed(), "nothing more after the answers: \(text)")
+                        }
+                    }
+                }
+                group.addTask {
+                    // The body after the head, in a later read (the head is answered 100 Continue first).
+                    try await withRawConnection(port: server.port) { connection in
+                        try await connection.send(
+                            "POST /jobs HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: \(job.utf8.count)\r\n\r\n")
+                        #expect(try await connection.readResponse()?.status == 100)
+                        try await connection.send(job)
+                        #expect(try await connection.readResponse()?.status == 200)
+                        #expect(try await connection.readUntilClosed(), "nothing more after the answer")
+                    }
+                }
+                try await group.waitForAll()
+            }
+        }
+    }
+
     @Test("Expect: 100-continue gets 100 Continue, then the answer once the body is sent")
     func expectContinue() async throws {
         try await withServer { server in
@@ -271,6 +324,21 @@ struct ServerBehaviourTests {
                     #expect(response.headers["connection"] == "close")
                     #expect(try await busy.readUntilClosed())
                 }
+            }
+        }
+    }
+
+    @Test("a drain does not cut a half-arrived pipelined head: it is timed like a first head (408)")
+    func drainWithPipelinedPartialHead() async throws {
+        try await withServer({ $0.headerTimeoutMilliseconds = 500; $0.idleTimeoutMilliseconds = 5_000 }) { server in
+            try await withRawConnection(port: server.port) { connection in
+                try await connection.send("GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nGET /hea")
+                #expect(try await connection.readResponse()?.status == 200)
+                await server.group.triggerGracefulShutdown()
+                let timedOut = try #require(try await connection.readResponse(), "the drain closed it without an answer")
+                #expect(timedOut.status == 408)
+                #expect(timedOut.errorCode == "request_timeout")
+                #expect(try await connection.readUntilClosed())
             }
         }
     }

@@ -8,7 +8,10 @@ import NIOHTTP1
 /// It sits between the HTTP codec and the `NIOAsyncChannel`, sees request
 /// parts in and response parts out, and keeps count of requests whose answer
 /// is not yet written. A ``ConnectionGuard/ByteWatcher`` in front of the
-/// decoder tells it when the first bytes of a new request arrive.
+/// decoder tells it when the first bytes of a new request arrive, and what
+/// each read held once the decoder has taken it: a read can end a request
+/// and bring the start of the next one's head, which the decoder keeps
+/// without a word (``holdsMore(_:)``); that head is timed like any other.
 ///
 /// Deadlines are checked by one repeating timer per connection (``tick``), not
 /// one timer per request, so keep-alive traffic pays a clock read per request
@@ -40,6 +43,10 @@ final class ConnectionGuard: ChannelDuplexHandler, RemovableChannelHandler {
     private var readingBody = false
     /// Bytes of a request whose head has not been parsed yet have arrived.
     private var readingHead = false
+    /// What the current read brought, for ``readDecoded(_:)``.
+    private var read = ReadParts()
+    /// The latest request's body is chunked (it ends with a blank line).
+    private var chunked = false
     private var idleSince = NIODeadline.now()
     private var headStartedAt = NIODeadline.now()
     private var bodyStartedAt = NIODeadline.now()
@@ -80,23 +87,59 @@ final class ConnectionGuard: ChannelDuplexHandler, RemovableChannelHandler {
 
     /// Called by the ``ByteWatcher`` before bytes reach the decoder.
     func bytesArrived() {
+        read = ReadParts()
         if !readingBody && !readingHead {
             readingHead = true
             headStartedAt = .now()
         }
     }
 
+    /// Called by the ``ByteWatcher`` once the decoder has taken `bytes`, the
+    /// whole read: if a request ended in it and more bytes followed, they are
+    /// the start of a head (the decoder holds them), under the header timeout.
+    func readDecoded(_ bytes: ByteBuffer) {
+        guard read.ended, !readingBody, !readingHead, holdsMore(bytes) else { return }
+        readingHead = true
+        headStartedAt = .now()
+    }
+
+    /// Whether the read `bytes`, in which a request ended, holds bytes after it.
+    ///
+    /// The decoder does not tell, but the request's framing does: without a
+    /// body, or with a chunked one, a request ends with a blank line; with a
+    /// `Content-Length` body it ends with the body bytes the decoder passed on,
+    /// which follow its head's blank line if the head came in this read, or
+    /// start the read if it came before. What may follow is a head that has not
+    /// ended, so it holds no blank line. (A body that ends with a blank line
+    /// just where the head's would be hides a following partial head: that
+    /// connection waits out the idle timeout instead.)
+    private func holdsMore(_ bytes: ByteBuffer) -> Bool {
+        let requestEnd = bytes.readableBytes - (chunked ? 0 : read.bodyBytes)
+        if !chunked && !read.headArrived { return requestEnd > 0 }
+        // The blank line may have begun in the previous read: compare what is here.
+        let length = min(4, requestEnd)
+        guard length > 0, let tail = bytes.getBytes(at: bytes.readerIndex + requestEnd - length, length: length) else {
+            return true
+        }
+        return tail[...] != Self.blankLine[(4 - length)...]
+    }
+
+    private static let blankLine: [UInt8] = Array("\r\n\r\n".utf8)
+
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         switch unwrapInboundIn(data) {
-        case .head:
+        case .head(let head):
             inFlight += 1
             readingHead = false
             readingBody = true
             bodyStartedAt = .now()
-        case .body:
-            break
+            chunked = head.headers.contains(name: "transfer-encoding")
+            read = ReadParts(headArrived: true)
+        case .body(let chunk):
+            read.bodyBytes += chunk.readableBytes
         case .end:
             readingBody = false
+            read.ended = true
         }
         context.fireChannelRead(data)
     }
@@ -211,8 +254,19 @@ final class ConnectionGuard: ChannelDuplexHandler, RemovableChannelHandler {
 }
 
 extension ConnectionGuard {
+    /// What the request parts decoded from one read said about the latest request.
+    struct ReadParts {
+        /// Its head came in this read.
+        var headArrived = false
+        /// Its body bytes in this read.
+        var bodyBytes = 0
+        /// It ended in this read.
+        var ended = false
+    }
+
     /// The first handler on a connection: tells the guard that bytes arrived,
-    /// so it can time the reading of a request's head from its first byte.
+    /// so it can time the reading of a request's head from its first byte,
+    /// and shows it each read once the decoder has taken it.
     final class ByteWatcher: ChannelInboundHandler, RemovableChannelHandler {
         typealias InboundIn = ByteBuffer
         typealias InboundOut = ByteBuffer
@@ -224,8 +278,10 @@ extension ConnectionGuard {
         }
 
         func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+            let bytes = unwrapInboundIn(data)
             connectionGuard.bytesArrived()
             context.fireChannelRead(data)
+            connectionGuard.readDecoded(bytes)
         }
     }
 }
