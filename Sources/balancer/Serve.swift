@@ -44,6 +44,8 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "Time to receive a request head, ms (408 after). [default: 10000]") var headerTimeoutMs: String?
     @Option(help: "Time to receive a request body, ms (408 after). [default: 30000]") var bodyTimeoutMs: String?
     @Option(help: "Idle keep-alive connections close after this, ms. [default: 60000]") var idleTimeoutMs: String?
+    @Option(help: "A client that takes none of its response for this long is disconnected, ms. [default: 60000]")
+    var sendTimeoutMs: String?
     @Option(help: "On SIGTERM, time for jobs to finish, ms. [default: 30000]") var gracePeriodMs: String?
     @Option(help: "Network event-loop threads; 0 = one per core. [default: 0]") var threads: String?
     @Option(
@@ -74,6 +76,7 @@ struct Serve: AsyncParsableCommand {
             ("max_job_ms", maxJobMs), ("max_body_bytes", maxBodyBytes), ("max_header_bytes", maxHeaderBytes),
             ("max_connections", maxConnections), ("header_timeout_ms", headerTimeoutMs),
             ("body_timeout_ms", bodyTimeoutMs), ("idle_timeout_ms", idleTimeoutMs),
+            ("send_timeout_ms", sendTimeoutMs),
             ("grace_period_ms", gracePeriodMs), ("threads", threads),
             ("upstreams", upstreams.isEmpty ? nil : upstreams.joined(separator: ",")),
             ("connections_per_upstream", connectionsPerUpstream), ("upstream_retries", upstreamRetries),

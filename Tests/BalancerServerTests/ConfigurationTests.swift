@@ -37,6 +37,18 @@ struct ConfigurationTests {
         #expect(configuration.backlog == 1024)
     }
 
+    @Test("send_timeout_ms: 60000 by default, from each layer; 0 is refused")
+    func sendTimeout() throws {
+        #expect(try ServerConfiguration.load().sendTimeoutMilliseconds == 60_000)
+        let fromFile = file(#"{"send_timeout_ms": 1500}"#)
+        #expect(try ServerConfiguration.load(file: fromFile).sendTimeoutMilliseconds == 1_500)
+        let environment = ["BALANCER_SEND_TIMEOUT_MS": "2500"]
+        #expect(try ServerConfiguration.load(environment: environment, file: fromFile).sendTimeoutMilliseconds == 2_500)
+        #expect(try ServerConfiguration.load(flags: ["send_timeout_ms": "3500"], environment: environment).sendTimeoutMilliseconds == 3_500)
+        #expect(ServerConfiguration.keys.first { $0.name == "send_timeout_ms" }?.flag == "--send-timeout-ms")
+        #expect(throws: ConfigurationError.self) { try ServerConfiguration.load(flags: ["send_timeout_ms": "0"]) }
+    }
+
     @Test("an unknown key or a bad value is refused with a message naming the key", arguments: [
         (["porrt": "1"], [:], nil, "porrt"),
         ([:], ["BALANCER_PROT": "1"], nil, "BALANCER_PROT"),

@@ -259,6 +259,27 @@ struct ServerBehaviourTests {
         }
     }
 
+    @Test("a client that pipelines requests and takes none of the answers is disconnected after send_timeout_ms")
+    func sendTimeout() async throws {
+        try await withServer({ $0.sendTimeoutMilliseconds = 300 }) { server in
+            let page = try await request(server.url("/dashboard")).body.count
+            let count = 2_000
+            // A small receive window: the kernel holds little of what the client does not read.
+            try await withRawConnection(port: server.port, receiveBuffer: 4_096) { stalled in
+                // About 30 MB of answers for 80 KB of requests: far more than the kernel's buffers hold.
+                try await stalled.send(String(repeating: "GET /dashboard HTTP/1.1\r\nHost: x\r\n\r\n", count: count))
+                // The connection is stuck writing: others are served meanwhile.
+                #expect(try await postJob(server, #"{"op":"multiply","x":6,"y":7}"#).status == 200)
+                #expect(try await eventually { try await sendTimeouts(server) == 1 }, "the stalled connection is closed and counted")
+                // Closed: what the kernel held arrives, then the end (or a reset).
+                let arrived = (try? await stalled.discard(.max)) ?? 0
+                #expect(arrived < count * page, "\(arrived) bytes: the connection was cut, not served to the end")
+            }
+            #expect(try await postJob(server, #"{"op":"multiply","x":6,"y":7}"#).status == 200)
+            #expect(try await sendTimeouts(server) == 1, "a client that reads its answers is not affected")
+        }
+    }
+
     @Test("a client that disconnects while its job is queued: the job never runs")
     func disconnectWhileQueued() async throws {
         try await withServer({ $0.workers = 1; $0.capacity = 1 }) { server in

@@ -118,6 +118,13 @@ func postJob(_ server: TestServer, _ body: String) async throws -> HTTPResult {
     try await request(server.url("/jobs"), method: "POST", body: body)
 }
 
+/// `/stats` `connections.send_timeouts`: connections closed because their
+/// client took nothing for `send_timeout_ms`.
+func sendTimeouts(_ server: TestServer) async throws -> Int? {
+    let connections = try await request(server.url("/stats")).json["connections"] as? [String: any Sendable]
+    return connections?["send_timeouts"] as? Int
+}
+
 // MARK: - A raw TCP client, for what an HTTP client will not send
 
 /// One TCP connection, driven byte by byte: slow heads, pipelining, bad syntax.

@@ -73,6 +73,7 @@ extension ServerConfiguration {
         .int64("header_timeout_ms", "a request head must arrive within this from its first byte, or 408, ms", \.headerTimeoutMilliseconds, range: 1...3_600_000),
         .int64("body_timeout_ms", "a request body must arrive within this from its head, or 408, ms", \.bodyTimeoutMilliseconds, range: 1...3_600_000),
         .int64("idle_timeout_ms", "an idle keep-alive connection is closed after this, ms", \.idleTimeoutMilliseconds, range: 1...86_400_000),
+        .int64("send_timeout_ms", "a client that takes none of its response for this long is disconnected, ms", \.sendTimeoutMilliseconds, range: 1...3_600_000),
         .int64("grace_period_ms", "on SIGTERM, time for in-flight jobs before the rest get 503, ms", \.gracePeriodMilliseconds, range: 0...3_600_000),
         .int("threads", "network event-loop threads; 0 = one per CPU core", \.threads, range: 0...1_024),
         Key(

@@ -38,6 +38,9 @@ public struct ServerConfiguration: Sendable, Equatable {
     public var bodyTimeoutMilliseconds: Int64 = 30_000
     /// A keep-alive connection with no request for this long is closed.
     public var idleTimeoutMilliseconds: Int64 = 60_000
+    /// A connection whose client takes none of the bytes waiting to be sent
+    /// to it for this long is closed (nginx's `send_timeout`).
+    public var sendTimeoutMilliseconds: Int64 = 60_000
     /// On SIGTERM/SIGINT, how long in-flight and queued jobs get to finish
     /// before the rest are answered 503 and the process exits.
     public var gracePeriodMilliseconds: Int64 = 30_000

@@ -2,7 +2,8 @@ import NIOCore
 import NIOHTTP1
 
 /// Per-connection limits and drain, on the channel's event loop: the idle
-/// keep-alive timeout, the header and body read timeouts (408), parse errors
+/// keep-alive timeout, the header and body read timeouts (408), the send
+/// timeout (a client that takes none of its response: closed), parse errors
 /// (400, and 431 for an oversized head), and quiescing on shutdown.
 ///
 /// It sits between the HTTP codec and the `NIOAsyncChannel`, sees request
@@ -26,17 +27,19 @@ final class ConnectionGuard: ChannelDuplexHandler, RemovableChannelHandler {
         var idleTimeout: TimeAmount
         var headerTimeout: TimeAmount
         var bodyTimeout: TimeAmount
+        var sendTimeout: TimeAmount
         var maxHeaderBytes: Int
 
         /// How often deadlines are checked: a fifth of the shortest timeout,
         /// from 5 ms to 1 s.
         var tick: TimeAmount {
-            let shortest = min(idleTimeout, headerTimeout, bodyTimeout)
+            let shortest = min(idleTimeout, headerTimeout, bodyTimeout, sendTimeout)
             return max(.milliseconds(5), min(.seconds(1), .nanoseconds(shortest.nanoseconds / 5)))
         }
     }
 
     private let limits: Limits
+    private let stats: ConnectionStats
     /// Requests whose head has arrived and whose response has not ended.
     private var inFlight = 0
     /// The latest request's head has arrived but not its end.
@@ -54,10 +57,15 @@ final class ConnectionGuard: ChannelDuplexHandler, RemovableChannelHandler {
     /// A `Connection: close` answer is being written: close once it is out.
     private var closeAfterResponse = false
     private var closing = false
+    /// Bytes the channel held for the client's socket at the last tick.
+    private var unsent = 0
+    /// The last tick at which `unsent` was zero or had changed.
+    private var sendMovedAt = NIODeadline.now()
     private var timer: RepeatedTask?
 
-    init(limits: Limits) {
+    init(limits: Limits, stats: ConnectionStats) {
         self.limits = limits
+        self.stats = stats
     }
 
     // MARK: Lifecycle
@@ -201,11 +209,17 @@ final class ConnectionGuard: ChannelDuplexHandler, RemovableChannelHandler {
 
     // MARK: Deadlines
 
-    /// The repeating timer: close an idle connection, or answer 408 to a slow one.
+    /// The repeating timer: close a connection whose client takes nothing or
+    /// an idle one, or answer 408 to a slow one.
     private func check(context: ChannelHandlerContext) {
         guard !closing else { return }
         let now = NIODeadline.now()
-        if readingBody {
+        if sendStalled(context: context, now: now) {
+            // Whatever is answering sees the channel close: a proxied
+            // response ends its forward as for a client that went away.
+            stats.countSendTimeout()
+            close(context: context)
+        } else if readingBody {
             if inFlight <= 1, now - bodyStartedAt > limits.bodyTimeout {
                 respondAndClose(context: context, with: .bodyTimeout)
             }
@@ -218,6 +232,20 @@ final class ConnectionGuard: ChannelDuplexHandler, RemovableChannelHandler {
         } else if now - idleSince > limits.idleTimeout {
             close(context: context)
         }
+    }
+
+    /// Whether the client has taken none of the bytes waiting for it for the
+    /// send timeout: the channel's count of bytes not yet written to the socket
+    /// has stayed the same, above zero, since then. Writers wait for the socket
+    /// (backpressure), so a client that reads nothing leaves the count still.
+    private func sendStalled(context: ChannelHandlerContext, now: NIODeadline) -> Bool {
+        let waiting = (try? context.channel.syncOptions?.getOption(.bufferedWritableBytes)) ?? 0
+        if waiting == 0 || waiting != unsent {
+            unsent = waiting
+            sendMovedAt = now
+            return false
+        }
+        return now - sendMovedAt > limits.sendTimeout
     }
 
     /// Writes an error answer straight to the codec and closes, unless an

@@ -114,10 +114,14 @@ public final class HTTPServer: Service, Sendable {
         accessLog: AccessLogSink? = nil,
         logger: Logger
     ) async throws -> HTTPServer {
-        var listening = [try await listen(.main, port: configuration.port, configuration: configuration, eventLoopGroup: eventLoopGroup)]
+        let state = ServerState()
+        var listening = [
+            try await listen(.main, port: configuration.port, configuration: configuration, state: state, eventLoopGroup: eventLoopGroup)
+        ]
         if let adminPort = configuration.adminPort {
             do {
-                listening.append(try await listen(.admin, port: adminPort, configuration: configuration, eventLoopGroup: eventLoopGroup))
+                listening.append(
+                    try await listen(.admin, port: adminPort, configuration: configuration, state: state, eventLoopGroup: eventLoopGroup))
             } catch {
                 try? await listening[0].channel.channel.close()
                 throw error
@@ -127,7 +131,7 @@ public final class HTTPServer: Service, Sendable {
             configuration: configuration,
             balancer: balancer,
             upstreams: upstreams,
-            state: ServerState(),
+            state: state,
             listening: listening,
             accessLog: accessLog,
             logger: logger
@@ -147,6 +151,7 @@ public final class HTTPServer: Service, Sendable {
         _ listener: Routes.Listener,
         port: Int,
         configuration: ServerConfiguration,
+        state: ServerState,
         eventLoopGroup: any EventLoopGroup
     ) async throws -> Listening {
         let quiescing = ServerQuiescingHelper(group: eventLoopGroup)
@@ -156,6 +161,7 @@ public final class HTTPServer: Service, Sendable {
             idleTimeout: .milliseconds(configuration.idleTimeoutMilliseconds),
             headerTimeout: .milliseconds(configuration.headerTimeoutMilliseconds),
             bodyTimeout: .milliseconds(configuration.bodyTimeoutMilliseconds),
+            sendTimeout: .milliseconds(configuration.sendTimeoutMilliseconds),
             maxHeaderBytes: configuration.maxHeaderBytes
         )
         var decoderLimits = NIOHTTPDecoderLimitConfiguration()
@@ -189,7 +195,7 @@ public final class HTTPServer: Service, Sendable {
                         try channel.pipeline.syncOperations.addHandler(RefuseConnectionHandler())
                         return Accepted.refused
                     }
-                    let connectionGuard = ConnectionGuard(limits: limits)
+                    let connectionGuard = ConnectionGuard(limits: limits, stats: state.connections)
                     let sync = channel.pipeline.syncOperations
                     try sync.addHandler(ConnectionGuard.ByteWatcher(connectionGuard))
                     try sync.configureHTTPServerPipeline(

@@ -176,6 +176,11 @@ struct Router: Sendable {
                 object.members.append((key: "pools", value: .array(pools)))
                 json = .object(object)
             }
+            if case .object(var object) = json {
+                object.members.append(
+                    (key: "connections", value: .object(JSONObject([("send_timeouts", JSONValue(state.connections.sendTimeoutCount))]))))
+                json = .object(object)
+            }
             if let accessLog, case .object(var object) = json {
                 object.members.append(
                     (key: "access_log", value: .object(JSONObject([("queued", JSONValue(accessLog.queued)), ("dropped", JSONValue(accessLog.dropped))]))))

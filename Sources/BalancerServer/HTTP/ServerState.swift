@@ -1,10 +1,12 @@
 import Synchronization
 
-/// What the routes need to know about the server itself: when it started and
-/// whether it is draining (then `/readyz` answers 503).
+/// What the routes need to know about the server itself: when it started,
+/// whether it is draining (then `/readyz` answers 503), and its connections' counts.
 public final class ServerState: Sendable {
     private let draining = Atomic<Bool>(false)
     private let startedAt = ContinuousClock.now
+    /// Counted by every connection's ``ConnectionGuard``.
+    public let connections = ConnectionStats()
 
     public init() {}
 
@@ -16,6 +18,16 @@ public final class ServerState: Sendable {
 
     /// Time since the server was created.
     public var uptime: Duration { ContinuousClock.now - startedAt }
+}
+
+/// What happened to the server's connections, for `/stats`.
+public final class ConnectionStats: Sendable {
+    private let sendTimeouts = Atomic<Int>(0)
+
+    /// Connections closed because the client took none of its response for `send_timeout_ms`.
+    public var sendTimeoutCount: Int { sendTimeouts.load(ordering: .relaxed) }
+
+    func countSendTimeout() { sendTimeouts.wrappingAdd(1, ordering: .relaxed) }
 }
 
 /// Open connections, for `max_connections`.

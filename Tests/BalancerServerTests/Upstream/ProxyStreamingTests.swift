@@ -75,6 +75,42 @@ struct ProxyStreamingTests {
         }
     }
 
+    @Test("a client that takes none of a large proxied response is disconnected after send_timeout_ms; the forward ends")
+    func sendTimeout() async throws {
+        let backend = try await UpstreamTestBackend.start()
+        defer { Task { await backend.stop() } }
+        // One worker: the stalled forward holds it until the send timeout frees it.
+        try await withProxy([backend.port], { $0.connectionsPerUpstream = 1; $0.sendTimeoutMilliseconds = 500 }) { server, upstream in
+            let total = 256 * 1024 * 1024
+            try await withRawConnection(port: server.port, receiveBuffer: 4_096) { stalled in
+                try await stalled.send("GET /bytes?n=\(total) HTTP/1.1\r\nHost: x\r\n\r\n")
+                #expect(try await eventually { await upstream.balancer.stats().workers[0].pending == 1 })
+                // The server's own answers go on meanwhile.
+                #expect(try await request(server.url("/healthz")).status == 200)
+                #expect(try await eventually { try await sendTimeouts(server) == 1 }, "the stalled connection is closed and counted")
+                #expect(try await eventually { await upstream.balancer.stats().workers[0].pending == 0 }, "the forward ended")
+                let arrived = (try? await stalled.discard(.max)) ?? 0
+                #expect(arrived < total, "\(arrived) bytes: the response was cut")
+            }
+            // What the client got is recorded: a 200 whose body broke off, a client abort for the worker.
+            let pool = upstream.poolName.rawValue
+            #expect(
+                try await eventually {
+                    let text = try await request(server.url("/metrics")).text
+                    return prometheusSample(text, #"balancer_requests_total{pool="\#(pool)",class="2xx"}"#) == 1
+                })
+            let stats = try await request(server.url("/stats")).json
+            let pools = try #require(stats["pools"] as? [[String: any Sendable]])
+            let worker = try #require((pools.first?["workers"] as? [[String: any Sendable]])?.first)
+            #expect((worker["errors"] as? [String: any Sendable])?["client_aborted"] as? Int == 1, "\(worker)")
+            // The freed worker serves the next request, on a new upstream connection: the cut one is not reused.
+            let next = try await request(server.url("/bytes?n=10"))
+            #expect(next.status == 200 && next.body.count == 10)
+            #expect(backend.connectionsAccepted == 2)
+            #expect(try await eventually { await upstream.balancer.stats().workers[0].pending == 0 })
+        }
+    }
+
     @Test("a client that pipelines requests and reads nothing backs the server up; then every answer arrives")
     func pipelinedWithoutReading() async throws {
         let backend = try await UpstreamTestBackend.start()
