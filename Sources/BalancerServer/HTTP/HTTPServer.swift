@@ -371,7 +371,9 @@ public final class HTTPServer: Service, Sendable {
                     }
                 }
                 guard ended else { return }
-                let keepAlive = head.isKeepAlive
+                // Draining: the last answer on this connection, whether or not
+                // the guard's quiesce event has reached it yet (as for a proxied one).
+                let keepAlive = head.isKeepAlive && !state.isDraining
                 let started = observer.isActive ? ContinuousClock.now : nil
                 let response = await router.respond(to: head, body: body, target: target)
                 // Recorded before the answer goes out, so a client that reads
