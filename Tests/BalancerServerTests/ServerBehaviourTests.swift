@@ -281,6 +281,8 @@ struct ServerBehaviourTests {
             }
             #expect(try await postJob(server, #"{"op":"multiply","x":6,"y":7}"#).status == 200)
             #expect(try await sendTimeouts(server) == 1, "a client that reads its answers is not affected")
+            let metrics = try await request(server.url("/metrics")).text
+            #expect(prometheusSample(metrics, "balancer_send_timeouts_total") == 1)
         }
     }
 

@@ -84,6 +84,9 @@ def test_metrics_match_stats(balancer_factory):
     timeouts = families["balancer_queue_timeouts"]
     assert timeouts.type == "counter"
     assert value(timeouts, "balancer_queue_timeouts_total", pool="jobs") == stats["queue"]["timed_out"] == 1
+    send_timeouts = families["balancer_send_timeouts"]
+    assert send_timeouts.type == "counter"
+    assert value(send_timeouts, "balancer_send_timeouts_total") == stats["connections"]["send_timeouts"] == 0
 
     requests = families["balancer_requests"]
     assert requests.type == "counter"

@@ -207,7 +207,8 @@ struct Router: Sendable {
         for upstream in upstreams {
             pools.append((upstream.poolName, await upstream.balancer.stats(), upstream.backendName(ofWorker:)))
         }
-        return metrics.render(jobs: jobs, upstreams: pools, accessLogDropped: accessLog?.dropped)
+        return metrics.render(
+            jobs: jobs, upstreams: pools, sendTimeouts: state.connections.sendTimeoutCount, accessLogDropped: accessLog?.dropped)
     }
 }
 

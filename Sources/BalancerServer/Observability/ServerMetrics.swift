@@ -56,6 +56,8 @@ final class ServerMetrics: Sendable {
     private let exported = Mutex<[PoolName: ExportedCounts]>([:])
     /// Access-log lines dropped, as last exported.
     private let exportedAccessLogDrops = Mutex(0)
+    /// Connections closed by the send timeout, as last exported.
+    private let exportedSendTimeouts = Mutex(0)
 
     private struct ExportedCounts {
         var overloaded = 0
@@ -101,20 +103,30 @@ final class ServerMetrics: Sendable {
     typealias UpstreamSnapshot = (name: PoolName, stats: BalancerStats, backendOf: (Int) -> String?)
 
     /// The Prometheus text for `/metrics`: first the figures read from the
-    /// pools' snapshots, and the access log's drops when it is on.
-    func render(jobs jobsStats: BalancerStats, upstreams: [UpstreamSnapshot], accessLogDropped: Int? = nil) -> ByteBuffer {
+    /// pools' snapshots, the connections' send timeouts, and the access log's
+    /// drops when it is on.
+    func render(jobs jobsStats: BalancerStats, upstreams: [UpstreamSnapshot], sendTimeouts: Int, accessLogDropped: Int? = nil)
+        -> ByteBuffer
+    {
         export(jobsStats, pool: .jobs, backendOf: { _ in nil })
         for upstream in upstreams { export(upstream.stats, pool: upstream.name, backendOf: upstream.backendOf) }
+        export(total: sendTimeouts, as: "balancer_send_timeouts_total", exported: exportedSendTimeouts)
         if let accessLogDropped {
-            let counter = CoreMetrics.Counter(label: "balancer_access_log_dropped_total", factory: factory)
-            exportedAccessLogDrops.withLock { exported in
-                counter.increment(by: max(accessLogDropped - exported, 0))
-                exported = max(accessLogDropped, exported)
-            }
+            export(total: accessLogDropped, as: "balancer_access_log_dropped_total", exported: exportedAccessLogDrops)
         }
         var bytes: [UInt8] = []
         registry.emit(into: &bytes)
         return ByteBuffer(bytes: bytes)
+    }
+
+    /// Adds to counter `label` what `total`, counted elsewhere, grew since it
+    /// was last exported (under the lock, so two scrapes at once add it once).
+    private func export(total: Int, as label: String, exported: borrowing Mutex<Int>) {
+        let counter = CoreMetrics.Counter(label: label, factory: factory)
+        exported.withLock { exported in
+            counter.increment(by: max(total - exported, 0))
+            exported = max(total, exported)
+        }
     }
 
     /// Sets the pool's gauges and adds to its counters from `stats`. A worker
