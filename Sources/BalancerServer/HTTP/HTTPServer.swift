@@ -371,9 +371,6 @@ public final class HTTPServer: Service, Sendable {
                     }
                 }
                 guard ended else { return }
-                // Draining: the last answer on this connection, whether or not
-                // the guard's quiesce event has reached it yet (as for a proxied one).
-                let keepAlive = head.isKeepAlive && !state.isDraining
                 let started = observer.isActive ? ContinuousClock.now : nil
                 let response = await router.respond(to: head, body: body, target: target)
                 // Recorded before the answer goes out, so a client that reads
@@ -385,6 +382,9 @@ public final class HTTPServer: Service, Sendable {
                             pool: response.pool, served: response.served, total: .now - started,
                             bytesIn: body?.readableBytes ?? 0, bytesOut: response.body.readableBytes))
                 }
+                // An answer made once the drain has begun is the connection's
+                // last, whether or not the guard's quiesce event has reached it yet.
+                let keepAlive = head.isKeepAlive && !state.isDraining
                 try await write(response, for: head, requestID: requestID, keepAlive: keepAlive, to: outbound)
                 if !keepAlive { return }
             }
