@@ -187,6 +187,16 @@ struct ServerBehaviourTests {
                     }
                 }
                 group.addTask {
+                    // The head's blank line split between two reads (the pause makes that likely).
+                    try await withRawConnection(port: server.port) { connection in
+                        try await connection.send("GET /healthz HTTP/1.1\r\nHost: x\r\n\r")
+                        try await Task.sleep(for: .milliseconds(50))
+                        try await connection.send("\n")
+                        #expect(try await connection.readResponse()?.status == 200)
+                        #expect(try await connection.readUntilClosed(), "nothing more after the answer")
+                    }
+                }
+                group.addTask {
                     // The body after the head, in a later read (the head is answered 100 Continue first).
                     try await withRawConnection(port: server.port) { connection in
                         try await connection.send(

@@ -125,11 +125,14 @@ final class ConnectionGuard: ChannelDuplexHandler, RemovableChannelHandler {
         let requestEnd = bytes.readableBytes - (chunked ? 0 : read.bodyBytes)
         if !chunked && !read.headArrived { return requestEnd > 0 }
         // The blank line may have begun in the previous read: compare what is here.
-        let length = min(4, requestEnd)
-        guard length > 0, let tail = bytes.getBytes(at: bytes.readerIndex + requestEnd - length, length: length) else {
+        let length = min(Self.blankLine.count, requestEnd)
+        guard length > 0 else { return true }
+        let start = bytes.readerIndex + requestEnd - length
+        for offset in 0..<length
+        where bytes.getInteger(at: start + offset, as: UInt8.self) != Self.blankLine[Self.blankLine.count - length + offset] {
             return true
         }
-        return tail[...] != Self.blankLine[(4 - length)...]
+        return false
     }
 
     private static let blankLine: [UInt8] = Array("\r\n\r\n".utf8)
