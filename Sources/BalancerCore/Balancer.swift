@@ -55,6 +55,10 @@ public actor Balancer {
     private var roundRobinNext = 0
     private var random: SplitMix64
     private var backlog = Deque<AnyRequest>()
+    /// Restricted requests waiting for an eligible worker with room, oldest
+    /// first (``submitOnWorker(ifRoomAmong:waitingAtMost:_:)``); served
+    /// before the backlog.
+    private var waiting = Deque<AnyRequest>()
     private let capacity: Int
 
     private var stage = Stage.running
@@ -64,6 +68,8 @@ public actor Balancer {
     /// and timers, so the balance loop and its workers are scheduled alike.
     private var priority: TaskPriority?
     private var expiryTimer: Task<Void, Never>?
+    /// When `expiryTimer` fires.
+    private var expiryDeadline: ContinuousClock.Instant?
     private var stopTimer: Task<Void, Never>?
 
     private var pendingTotal = 0
@@ -135,21 +141,33 @@ public actor Balancer {
     }
 
     /// ``submitOnWorker(_:)`` restricted to the workers `eligible` accepts,
-    /// and only at once: the request goes to the least-loaded eligible active
-    /// worker with room (by `(pending, least recently dispatched, id)`, or by
-    /// cost under ``Strategy/peakEWMA``), whatever the strategy, and never
-    /// waits in the backlog. When none has room it ends with
-    /// ``BalancerError/busy`` (``BalancerError/unavailable`` when no worker
-    /// is active at all). For work that is worth doing only on spare capacity
-    /// elsewhere, such as a hedged copy of a request on another backend.
+    /// and only on spare capacity: the request goes to the least-loaded
+    /// eligible active worker with room (by `(pending, least recently
+    /// dispatched, id)`, or by cost under ``Strategy/peakEWMA``), whatever the
+    /// strategy, and never waits in the backlog.
     ///
-    /// - Parameter eligible: called by the balancer, on its own executor,
-    ///   while it chooses; keep it short and non-blocking.
+    /// When none has room it waits up to `patience` for the first eligible
+    /// worker that gains room, ahead of the backlog (a worker freed by a
+    /// completion goes to the oldest waiting restricted request it suits
+    /// before any request in the backlog), then ends with
+    /// ``BalancerError/busy``; so does a waiting one when a shutdown begins.
+    /// With `patience` `nil` it ends `busy` at once. It ends
+    /// ``BalancerError/unavailable`` when no worker is active at all.
+    /// Cancelling the calling task takes a waiting request back. For work that
+    /// is worth doing only on spare capacity elsewhere, such as a hedged copy
+    /// of a request on another backend.
+    ///
+    /// - Parameters:
+    ///   - eligible: called by the balancer, on its own executor, while it
+    ///     chooses (and, while the request waits, after completions); keep it
+    ///     short and non-blocking.
+    ///   - patience: how long the request may wait for room; `nil`: not at all.
     public nonisolated func submitOnWorker<Output: Sendable>(
         ifRoomAmong eligible: @escaping @Sendable (_ worker: Int) -> Bool,
+        waitingAtMost patience: Duration? = nil,
         _ operation: @escaping @Sendable (_ worker: Int) async throws -> Output
     ) async throws -> Receipt<Output> {
-        try await send(Request(.onWorker(operation), timed: true, eligible: eligible))
+        try await send(Request(.onWorker(operation), timed: true, eligible: eligible, patience: patience))
     }
 
     /// Runs `operation` on `replicas` distinct workers at once, the talk's
@@ -278,6 +296,11 @@ public actor Balancer {
             // backlog here means no worker has room.
             if let position = choose(among: eligible) {
                 dispatch(request, toWorkerAt: position)
+            } else if let patience = request.patience, stage == .running {
+                request.phase = .backlog
+                request.deadline = ContinuousClock.now + patience
+                waiting.append(request)
+                armExpiryTimer()
             } else {
                 finish(request, with: .busy)
             }
@@ -561,10 +584,33 @@ public actor Balancer {
         slots[id]!.lastSample = now
     }
 
-    /// Moves backlog requests, oldest first, to workers with room.
+    /// Moves waiting restricted requests, then backlog requests, oldest first,
+    /// to workers with room.
     private func drainBacklog() {
+        if !waiting.isEmpty { placeWaiting() }
         while !backlog.isEmpty, let position = choose() {
             place(backlog.removeFirst(), toWorkerAt: position)
+        }
+    }
+
+    /// Gives each waiting restricted request, oldest first, the best eligible
+    /// worker with room, while any worker has room.
+    private func placeWaiting() {
+        var index = waiting.startIndex
+        // The heap's top has the least pending: when it is full, every worker is.
+        while index < waiting.endIndex, let top = pool.min, pool.pending(of: top) < capacity {
+            if let position = choose(among: waiting[index].eligible.unsafelyUnwrapped) {
+                dispatch(waiting.remove(at: index), toWorkerAt: position)
+            } else {
+                index += 1
+            }
+        }
+    }
+
+    /// Ends every waiting restricted request with `error`.
+    private func endWaiting(with error: BalancerError) {
+        while let request = waiting.popFirst() {
+            finish(request, with: error)
         }
     }
 
@@ -608,7 +654,10 @@ public actor Balancer {
         case .new:
             request.cancelRequested = true
         case .backlog:
-            if let i = backlog.firstIndex(where: { $0 === request }) {
+            // A restricted request is never in the backlog, only waiting.
+            if request.eligible != nil {
+                if let i = waiting.firstIndex(where: { $0 === request }) { waiting.remove(at: i) }
+            } else if let i = backlog.firstIndex(where: { $0 === request }) {
                 backlog.remove(at: i)
             }
             finish(request, with: .cancelled)
@@ -648,15 +697,29 @@ public actor Balancer {
         switch event {
         case .expire:
             expiryTimer = nil
+            expiryDeadline = nil
             let now = ContinuousClock.now
             while let head = backlog.first, let deadline = head.deadline, deadline <= now {
                 backlog.removeFirst()
                 finish(head, with: .queueTimeout)
             }
+            if waiting.contains(where: { $0.deadline.unsafelyUnwrapped <= now }) {
+                let waited = waiting
+                waiting.removeAll()
+                for request in waited {
+                    if request.deadline.unsafelyUnwrapped <= now {
+                        finish(request, with: .busy)
+                    } else {
+                        waiting.append(request)
+                    }
+                }
+            }
             armExpiryTimer()
         case .shutdown(let deadline):
             guard stage == .running else { return }
             stage = .draining
+            // Spare-capacity work is not started during a drain.
+            endWaiting(with: .busy)
             if let deadline {
                 let inbox = self.inbox
                 stopTimer = Task.detached(priority: priority) {
@@ -684,6 +747,7 @@ public actor Balancer {
         while let request = backlog.popFirst() {
             finish(request, with: .shuttingDown)
         }
+        endWaiting(with: .shuttingDown)
         for case let slot? in slots {
             let queued = slot.worker.withdrawAll()
             for request in queued {
@@ -700,8 +764,17 @@ public actor Balancer {
         stage = .stopped
     }
 
+    /// Arms the timer for the earliest deadline of the backlog's head and the
+    /// waiting restricted requests, unless it is armed for one no later.
     private func armExpiryTimer() {
-        guard expiryTimer == nil, let deadline = backlog.first?.deadline else { return }
+        var next = backlog.first?.deadline
+        for request in waiting {
+            if let deadline = request.deadline, next.map({ deadline < $0 }) ?? true { next = deadline }
+        }
+        guard let deadline = next else { return }
+        if expiryTimer != nil, let armed = expiryDeadline, armed <= deadline { return }
+        expiryTimer?.cancel()
+        expiryDeadline = deadline
         let inbox = self.inbox
         expiryTimer = Task.detached(priority: priority) {
             try? await Task.sleep(until: deadline, clock: .continuous)
@@ -804,9 +877,9 @@ public actor Balancer {
     ///
     /// A copy of a replicated request is dropped instead while another copy is
     /// open: it would only add load. A restricted request
-    /// (``submitOnWorker(ifRoomAmong:_:)``) ends `busy`: it runs at once on a
-    /// worker it chose or not at all, so it never waits in the backlog, where
-    /// any worker could take it.
+    /// (``submitOnWorker(ifRoomAmong:waitingAtMost:_:)``) ends `busy`: it runs
+    /// only on a worker it chose, so it never waits in the backlog, where any
+    /// worker could take it.
     private func requeueQueued(of worker: Worker) {
         let queued = worker.withdrawAll()
         guard !queued.isEmpty else { return }
@@ -891,7 +964,7 @@ public actor Balancer {
             unavailable: unavailableCount,
             busy: busyCount,
             replicasOutOfRange: replicasOutOfRangeCount,
-            inFlight: backlog.count + pendingTotal - answeredWhileRunning - replicaSurplus,
+            inFlight: backlog.count + waiting.count + pendingTotal - answeredWhileRunning - replicaSurplus,
             replicated: replicatedCount,
             replicaWins: replicaWinCount,
             cancelledCopies: cancelledCopyCount,

@@ -17,9 +17,9 @@ public enum BalancerError: Error, Sendable, Hashable, CustomStringConvertible {
     /// No worker could take work at all (every one is down, draining or
     /// removed): refused at once rather than left to wait out the queue timeout.
     case unavailable
-    /// The request could run only at once and only on some workers
-    /// (``Balancer/submitOnWorker(ifRoomAmong:_:)``), and none of them had
-    /// room: it never ran.
+    /// The request could run only on some workers
+    /// (``Balancer/submitOnWorker(ifRoomAmong:waitingAtMost:_:)``), and none
+    /// of them had room in time: it never ran.
     case busy
     /// A replicated request asked for more copies than there are active
     /// workers, or for fewer than one: refused at once, never ran.
@@ -51,7 +51,7 @@ public enum BalancerError: Error, Sendable, Hashable, CustomStringConvertible {
         case .unavailable:
             "no worker is available: every worker is down, draining or removed"
         case .busy:
-            "no eligible worker had room at once"
+            "no eligible worker had room in time"
         case .replicasOutOfRange(let requested, let activeWorkers):
             "replicas must be from 1 to the number of active workers (\(activeWorkers)); got \(requested)"
         }

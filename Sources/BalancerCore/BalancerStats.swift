@@ -71,7 +71,8 @@ public struct BalancerStats: Sendable, Equatable {
     public var busy: Int = 0
     /// Ended with ``BalancerError/replicasOutOfRange(requested:activeWorkers:)``.
     public var replicasOutOfRange: Int = 0
-    /// Admitted and not yet answered: in the backlog or pending on a worker.
+    /// Admitted and not yet answered: in the backlog, waiting for room on
+    /// eligible workers, or pending on a worker.
     public var inFlight: Int
 
     /// Replicated requests (asking for 2 or more copies) admitted.

@@ -31,7 +31,8 @@ enum Outcome: UInt8, Sendable {
 ///
 /// Ownership of the mutable fields (this is why the class is `@unchecked Sendable`):
 /// - `phase` and `cancelRequested` belong to the ``Balancer`` actor;
-/// - `deadline` is written by the actor while the request is in the backlog;
+/// - `deadline` is written by the actor while the request is in the backlog
+///   (or, restricted, waits for room);
 /// - the one-shot reply is claimed through `answered`, an atomic flag, so the
 ///   first of worker, canceller, timeout and shutdown wins and the others are no-ops.
 class AnyRequest: @unchecked Sendable {
@@ -57,13 +58,19 @@ class AnyRequest: @unchecked Sendable {
     /// For a request that may run only now and only on certain workers: which
     /// ones (called by the balancer while it chooses). `nil` for the rest.
     final let eligible: (@Sendable (Int) -> Bool)?
+    /// How long a restricted request may wait for one of its workers to have
+    /// room; `nil`: it runs at once or not at all.
+    final let patience: Duration?
     /// The replicated request this is a copy of; `nil` for a plain request.
     final let group: ReplicaGroup?
     private final let answered = Atomic<Bool>(false)
 
-    init(timed: Bool, eligible: (@Sendable (Int) -> Bool)? = nil, group: ReplicaGroup? = nil) {
+    init(
+        timed: Bool, eligible: (@Sendable (Int) -> Bool)? = nil, patience: Duration? = nil, group: ReplicaGroup? = nil
+    ) {
         submittedAt = timed ? ContinuousClock.now : nil
         self.eligible = eligible
+        self.patience = patience
         self.group = group
     }
 
@@ -103,9 +110,11 @@ final class Request<Output: Sendable>: AnyRequest, @unchecked Sendable {
     /// Set once by `submit` before the request is published to the balancer.
     var reply: UnsafeContinuation<Receipt<Output>, any Error>?
 
-    init(_ operation: Operation, timed: Bool, eligible: (@Sendable (Int) -> Bool)? = nil) {
+    init(
+        _ operation: Operation, timed: Bool, eligible: (@Sendable (Int) -> Bool)? = nil, patience: Duration? = nil
+    ) {
         self.operation = operation
-        super.init(timed: timed, eligible: eligible)
+        super.init(timed: timed, eligible: eligible, patience: patience)
     }
 
     override func run(on worker: Int) async -> Outcome {

@@ -309,6 +309,118 @@ struct UpstreamSupportTests {
         }
     }
 
+    @Test("a restricted request with patience waits for an eligible worker and takes it ahead of the backlog")
+    func patientRestrictedRequestWaitsAheadOfTheBacklog() async throws {
+        let balancer = Balancer(configuration: .init(workers: 2, capacity: 1, backlog: 4))
+        let held = HeldOperations()
+        let ran = Recorder()
+        try await withRunning(balancer) { balancer in
+            try await withThrowingTaskGroup(of: String.self) { group in
+                func plain(_ name: String) {
+                    group.addTask { "\(name) on \(try await balancer.submitWithReceipt(held.operation()).worker)" }
+                }
+                // Held in start order: A on worker 0, B on worker 1.
+                plain("A")
+                await eventually(balancer) { $0.inFlight == 1 }
+                plain("B")
+                await eventually(balancer) { $0.inFlight == 2 }
+                plain("P")
+                var stats = await eventually(balancer) { $0.backlogDepth == 1 }
+                group.addTask {
+                    let receipt = try await balancer.submitOnWorker(ifRoomAmong: { $0 == 1 }, waitingAtMost: .seconds(60)) {
+                        worker in
+                        ran.record("W ran on \(worker)")
+                        _ = try await held.operation()()
+                        return worker
+                    }
+                    return "W on \(receipt.worker)"
+                }
+                stats = await eventually(balancer) { $0.inFlight == 4 }
+                #expect(stats.backlogDepth == 1, "W waits beside the backlog, not in it")
+                #expect(stats.workers.map(\.pending) == [1, 1])
+                checkAccounting(stats)
+
+                // Worker 0 frees: W may not run there, so P (the backlog) takes it.
+                #expect(held.releaseOne { _ in 0 })
+                stats = await eventually(balancer) { $0.backlogDepth == 0 && held.runningCount == 2 }
+                #expect(stats.inFlight == 3)
+                #expect(ran.all.isEmpty, "W still waits for worker 1")
+                // Q joins the backlog; then worker 1 frees and goes to W, ahead of Q.
+                plain("Q")
+                stats = await eventually(balancer) { $0.backlogDepth == 1 }
+                #expect(held.releaseOne { _ in 0 })
+                stats = await eventually(balancer) { _ in ran.all == ["W ran on 1"] }
+                stats = await balancer.stats()
+                #expect(stats.backlogDepth == 1, "Q still waits: the freed worker went to W")
+                #expect(stats.workers.map(\.pending) == [1, 1])
+                checkAccounting(stats)
+
+                while (await balancer.stats()).inFlight > 0 {
+                    _ = held.releaseOne { _ in 0 }
+                    try await Task.sleep(for: .milliseconds(1))
+                }
+                var answers: [String] = []
+                for try await answer in group { answers.append(answer) }
+                #expect(answers.sorted() == ["A on 0", "B on 1", "P on 0", "Q on 0", "W on 1"])
+            }
+            let stats = await balancer.stats()
+            #expect(stats.completed == 5 && stats.busy == 0 && stats.inFlight == 0)
+            #expect(stats.workers.map(\.pending) == [0, 0])
+            checkAccounting(stats)
+            #expect(await balancer.poolIsValid())
+        }
+    }
+
+    @Test("a waiting restricted request ends busy when its patience runs out or a shutdown begins, and cancelled when its caller is")
+    func waitingRestrictedRequestEnds() async throws {
+        let balancer = Balancer(configuration: .init(workers: 1, capacity: 1, backlog: 4))
+        let held = HeldOperations()
+        let ran = Recorder()
+        try await withRunning(balancer) { balancer in
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                group.addTask { _ = try await balancer.submitWithReceipt(held.operation()) }
+                await eventually(balancer) { $0.inFlight == 1 }
+                @Sendable func waiter(_ name: String, patience: Duration) async throws {
+                    _ = try await balancer.submitOnWorker(ifRoomAmong: { _ in true }, waitingAtMost: patience) { worker in
+                        ran.record("\(name) ran on \(worker)")
+                        return worker
+                    }
+                }
+                // Patience runs out.
+                await #expect(throws: BalancerError.busy) { try await waiter("short", patience: .milliseconds(30)) }
+                var stats = await balancer.stats()
+                #expect(stats.busy == 1 && stats.inFlight == 1)
+                checkAccounting(stats)
+
+                // The caller is cancelled while it waits.
+                let cancelled = Task { try await waiter("cancelled", patience: .seconds(60)) }
+                await eventually(balancer) { $0.inFlight == 2 }
+                cancelled.cancel()
+                await #expect(throws: BalancerError.cancelled) { try await cancelled.value }
+                stats = await eventually(balancer) { $0.inFlight == 1 }
+                #expect(stats.cancelled == 1 && stats.busy == 1)
+                checkAccounting(stats)
+
+                // A shutdown begins while one waits.
+                group.addTask {
+                    await #expect(throws: BalancerError.busy) { try await waiter("drained", patience: .seconds(60)) }
+                }
+                await eventually(balancer) { $0.inFlight == 2 }
+                balancer.shutdown(gracePeriod: .seconds(60))
+                stats = await eventually(balancer) { $0.inFlight == 1 }
+                #expect(stats.busy == 2)
+                #expect(stats.workers.map(\.pending) == [1])
+                checkAccounting(stats)
+                held.releaseAll()
+                try await group.waitForAll()
+            }
+            #expect(ran.all.isEmpty, "no waiting request ever ran")
+            let stats = await balancer.stats()
+            #expect(stats.completed == 1 && stats.inFlight == 0)
+            checkAccounting(stats)
+        }
+    }
+
     @Test("decayWeight approximates exp(-x)")
     func decayWeightApproximatesExp() {
         let expected: [(Double, Double)] = [(0, 1), (0.5, 0.606_530_66), (1, 0.367_879_44), (2, 0.135_335_28), (5, 0.006_737_95)]
