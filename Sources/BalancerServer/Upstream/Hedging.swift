@@ -17,16 +17,20 @@ import Synchronization
 ///   as the one before it is on a worker), and no timed ones. N is capped at
 ///   `maxReplicas`; when that is 1 the header is refused with 400.
 ///
-/// Timed copies are also held to a budget, as Finagle's backup requests
-/// are (`maxExtraLoad`): at most `budgetPercent` copies per 100 requests
-/// that could be hedged, with a burst of ``HedgeBudget/burst`` copies, so a
-/// pool whose backends all slow down is not sent twice its load. Copies a
-/// client asks for are not held to it (the cap is `maxReplicas`).
+/// Every copy after the first, timed or asked for, is held to a budget, as
+/// Finagle's backup requests are (`maxExtraLoad`): at most `budgetPercent`
+/// copies per 100 requests sent here, with a burst of ``HedgeBudget/burst``
+/// copies, so a pool whose backends all slow down is not sent twice its load.
 ///
 /// Every copy after the first runs only on spare capacity: on the least-loaded
 /// worker with room whose backend no other copy of the request uses
-/// (``Balancer/submitOnWorker(ifRoomAmong:_:)``); it never waits in the
-/// backlog, and when there is no such worker the copy is skipped.
+/// (``Balancer/submitOnWorker(ifRoomAmong:waitingAtMost:_:)``). When there is
+/// none it never waits in the backlog: it waits beside it, for the first such
+/// worker to free up, ahead of the requests in the backlog, and only while
+/// no other copy has answered (at most the pool's response timeout, the
+/// longest the first copy may wait for its head). Under a closed loop, where
+/// every worker is nearly always busy, that is what lets a copy run at all:
+/// it takes the next worker a fast backend frees.
 ///
 /// The first copy whose response head arrives wins the client and streams its
 /// response; a 5xx head wins too (it is an answer, and bodies are not
@@ -43,7 +47,7 @@ public struct HedgePolicy: Sendable, Hashable {
     public var maxCopies: Int
     /// Most copies `X-Balancer-Replicas` may ask for; 1 forbids the header.
     public var maxReplicas: Int
-    /// Timed copies per 100 requests that could be hedged, at most.
+    /// Copies per 100 requests that could be hedged, at most.
     public var budgetPercent: Int
 
     public init(after: Duration?, maxCopies: Int, maxReplicas: Int, budgetPercent: Int = 10) {
@@ -144,9 +148,9 @@ struct HedgeStats: Sendable, Equatable {
     var winsByCopy: [Int]
     /// Copies still queued or running when another won, and so cancelled.
     var cancelledLosers = 0
-    /// Copies due that found no worker with room on another backend.
+    /// Copies due that found no worker with room on another backend in time.
     var skipped = 0
-    /// Timed copies due that the budget did not allow.
+    /// Copies due that the budget did not allow.
     var overBudget = 0
 
     init(copies: Int) { winsByCopy = Array(repeating: 0, count: copies) }
@@ -165,9 +169,9 @@ struct HedgeStats: Sendable, Equatable {
     }
 }
 
-/// The pool's allowance of timed copies: a token bucket in hundredths of a
-/// copy. Every request that could be hedged adds `percent`; a timed copy
-/// takes 100. It starts full.
+/// The pool's allowance of copies: a token bucket in hundredths of a copy.
+/// Every request that could be hedged adds `percent`; a copy takes 100. It
+/// starts full.
 final class HedgeBudget: Sendable {
     /// Copies the bucket holds at most: the burst after a quiet spell.
     static let burst = 10
@@ -328,7 +332,8 @@ extension UpstreamPool {
         to writer: some ClientResponseWriting
     ) async -> Outcome where Body.Element == ByteBuffer {
         let race = HedgeRace()
-        if after != nil { hedgeBudget.deposit() }
+        hedgeBudget.deposit()
+        let patience = Duration.milliseconds(configuration.responseTimeoutMilliseconds)
         let (events, sink) = AsyncStream.makeStream(of: HedgeEvent.self)
         defer { sink.finish() }
 
@@ -343,15 +348,15 @@ extension UpstreamPool {
                 return try await self.forward(on: worker, head, body: body, forwarding: forwarding, to: copyWriter)
             }
             // A later copy starts once the ones before it are on their workers.
-            let taken = spare ? Set(race.workers.map { self.backendIndex(of: $0) }) : []
+            let eligible = spare ? spareWorkers(awayFrom: race.workers) : nil
             return race.start(id) {
                 Task {
                     var receipt: Receipt<ForwardResult>?
                     var failure: (any Error)?
                     do {
-                        if spare {
+                        if let eligible {
                             receipt = try await self.balancer.submitOnWorker(
-                                ifRoomAmong: { !taken.contains(self.backendIndex(of: $0)) }, operation)
+                                ifRoomAmong: eligible, waitingAtMost: patience, operation)
                         } else {
                             receipt = try await self.balancer.submitOnWorker(operation)
                         }
@@ -375,8 +380,8 @@ extension UpstreamPool {
             var hedgesStarted = 0
             var skipped = 0
             var overBudget = 0
-            /// Timed copies launched, whose budget is given back if they find no room.
-            var timedIDs: Set<Int> = []
+            /// Copies paid from the budget, which is given back for any that never starts.
+            var budgetedIDs: Set<Int> = []
             var retriesLeft = retries
             var lastError: UpstreamError?
             var outcome: Outcome?
@@ -394,6 +399,16 @@ extension UpstreamPool {
                 if spare { spareIDs.insert(nextID) }
                 nextID += 1
                 inFlight += 1
+            }
+            /// Another copy on spare capacity, if the budget allows it.
+            func startCopy() {
+                guard hedgeBudget.withdraw() else {
+                    overBudget += 1
+                    return
+                }
+                let id = nextID
+                start(spare: true)
+                if nextID > id { budgetedIDs.insert(id) } else { hedgeBudget.refund() }
             }
             /// Another copy after `after`, if one may still go.
             func armTimer() {
@@ -414,35 +429,27 @@ extension UpstreamPool {
                     if spareIDs.contains(id) { hedgesStarted += 1 }
                     if copiesDue > 0 && race.winner == nil && outcome == nil {
                         copiesDue -= 1
-                        start(spare: true)
+                        startCopy()
                     } else {
                         armTimer()
                     }
                 case .timer:
                     timer = nil
                     if race.winner == nil && outcome == nil && unstarted.isEmpty && 1 + hedgesStarted < maxCopies {
-                        if hedgeBudget.withdraw() {
-                            let id = nextID
-                            start(spare: true)
-                            if nextID > id { timedIDs.insert(id) } else { hedgeBudget.refund() }
-                        } else {
-                            overBudget += 1
-                        }
+                        startCopy()
                     }
                 case .finished(let id, let receipt, let error):
                     inFlight -= 1
-                    unstarted.remove(id)
+                    if unstarted.remove(id) != nil && budgetedIDs.contains(id) { hedgeBudget.refund() }
                     if race.winner == id {
                         // The winner's exchange is over: its response went out, or broke off
                         // (an error can still be answered if its head never left the writer).
                         outcome = receipt.map { forwarded($0) } ?? brokenOff(error, writer: writer)
                     } else if let error, race.winner == nil, outcome == nil {
-                        if spareIDs.contains(id), let error = error as? BalancerError,
-                            error == .busy || error == .unavailable
-                        {
-                            // No spare worker on another backend: try again after the delay.
+                        if spareIDs.contains(id), error is BalancerError {
+                            // No spare worker on another backend in time (or the balancer is
+                            // shutting down): the other copies go on; try again after the delay.
                             skipped += 1
-                            if timedIDs.contains(id) { hedgeBudget.refund() }
                             if inFlight > 0 { armTimer() }
                         } else {
                             switch error {

@@ -240,11 +240,23 @@ public final class UpstreamPool: Service, Sendable {
         }
     }
 
-    /// The ``BackendEntry/number`` of worker `worker`'s backend (-1 for none).
-    func backendIndex(of worker: Int) -> Int {
-        state.withLock { state in
-            state.workers[worker].flatMap { worker in state.index(of: worker.backend).map { state.backends[$0].number } } ?? -1
+    /// Which workers a copy of a request may run on: those of the backends
+    /// none of `taken` (the workers of its other copies) belongs to. Worked out
+    /// once, so the balancer's calls (one per worker each time it chooses) are
+    /// an array lookup.
+    func spareWorkers(awayFrom taken: [Int]) -> @Sendable (Int) -> Bool {
+        let allowed = state.withLock { state -> [Bool] in
+            func number(_ worker: Int) -> Int? {
+                state.workers[worker].flatMap { state.index(of: $0.backend) }.map { state.backends[$0].number }
+            }
+            let takenBackends = Set(taken.compactMap(number))
+            var allowed = Array(repeating: false, count: (state.workers.keys.max() ?? -1) + 1)
+            for id in state.workers.keys {
+                if let backend = number(id), !takenBackends.contains(backend) { allowed[id] = true }
+            }
+            return allowed
         }
+        return { allowed.indices.contains($0) && allowed[$0] }
     }
 
     /// The operation a worker runs: forward over its own connection, count the
