@@ -140,6 +140,16 @@ public actor Balancer {
         try await send(Request(.onWorker(operation), timed: true))
     }
 
+    /// ``submitOnWorker(_:)``, which `cancellation` can also cancel from any
+    /// task, as cancelling the calling task would.
+    public nonisolated func submitOnWorker<Output: Sendable>(
+        cancellation: Cancellation,
+        _ operation: @escaping @Sendable (_ worker: Int) async throws -> Output
+    ) async throws -> Receipt<Output> {
+        let request = Request(.onWorker(operation), timed: true)
+        return try await publish(request, cancellation: cancellation) { request.reply = $0 }
+    }
+
     /// ``submitOnWorker(_:)`` restricted to the workers `eligible` accepts,
     /// and only on spare capacity: the request goes to the least-loaded
     /// eligible active worker with room (by `(pending, least recently
@@ -201,17 +211,22 @@ public actor Balancer {
         try await publish(request) { request.reply = $0 }
     }
 
-    /// Submits `request` on `work` after handing its reply continuation to `setReply`.
+    /// Submits `request` on `work` after handing its reply continuation to
+    /// `setReply` (and the request to `cancellation`, if any).
     private nonisolated func publish<Output: Sendable>(
         _ request: AnyRequest,
+        cancellation: Cancellation? = nil,
         _ setReply: (UnsafeContinuation<Receipt<Output>, any Error>) -> Void
     ) async throws -> Receipt<Output> {
         let inbox = self.inbox
         return try await withTaskCancellationHandler {
             try await withUnsafeThrowingContinuation { continuation in
                 setReply(continuation)
+                let cancelledBefore = cancellation.map { !$0.attach(request, to: inbox) } ?? false
                 if !inbox.submit(request) {
                     request.fail(.shuttingDown)
+                } else if cancelledBefore {
+                    inbox.cancel(request)
                 }
             }
         } onCancel: {

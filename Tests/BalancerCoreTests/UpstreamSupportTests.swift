@@ -421,6 +421,67 @@ struct UpstreamSupportTests {
         }
     }
 
+    @Test("a Cancellation stops its request from another task: queued never runs, running sees cancellation, early never starts")
+    func cancellationFromAnotherTask() async throws {
+        let balancer = Balancer(configuration: .init(workers: 1, capacity: 2, backlog: 4))
+        let ran = Recorder()
+        try await withRunning(balancer) { balancer in
+            // A: running, until its cancellation stops it.
+            let stopA = Cancellation()
+            let a = Task {
+                try await balancer.submitOnWorker(cancellation: stopA) { worker in
+                    ran.record("A started")
+                    do {
+                        try await Task.sleep(for: .seconds(60))
+                    } catch {
+                        ran.record("A saw cancellation")
+                        throw error
+                    }
+                    return worker
+                }
+            }
+            await eventually(balancer) { _ in ran.all == ["A started"] }
+            // B: queued behind A on the only worker.
+            let stopB = Cancellation()
+            let b = Task {
+                try await balancer.submitOnWorker(cancellation: stopB) { worker in
+                    ran.record("B ran")
+                    return worker
+                }
+            }
+            var stats = await eventually(balancer) { $0.workers[0].pending == 2 }
+            stopB.cancel()
+            await #expect(throws: BalancerError.cancelled) { try await b.value }
+            stats = await eventually(balancer) { $0.workers[0].pending == 1 }
+            #expect(stats.cancelled == 1)
+            checkAccounting(stats)
+
+            stopA.cancel()
+            await #expect(throws: BalancerError.cancelled) { try await a.value }
+            stats = await eventually(balancer) { $0.workers[0].pending == 0 && ran.count("A saw cancellation") == 1 }
+            #expect(stats.cancelled == 2 && stats.inFlight == 0)
+            #expect(!a.isCancelled && !b.isCancelled, "the requesters' own tasks were never cancelled")
+
+            // Cancelled before it is submitted: it never runs.
+            let early = Cancellation()
+            early.cancel()
+            await #expect(throws: BalancerError.cancelled) {
+                try await balancer.submitOnWorker(cancellation: early) { worker in
+                    ran.record("early ran")
+                    return worker
+                }
+            }
+            // The worker (its task restarted after the cancellation) still serves.
+            let receipt = try await balancer.submitOnWorker(cancellation: Cancellation()) { $0 }
+            #expect(receipt.value == 0)
+            stats = await eventually(balancer) { $0.completed == 1 && $0.inFlight == 0 }
+            #expect(stats.cancelled == 3)
+            #expect(stats.workers.map(\.pending) == [0])
+            checkAccounting(stats)
+        }
+        #expect(ran.all == ["A started", "A saw cancellation"])
+    }
+
     @Test("decayWeight approximates exp(-x)")
     func decayWeightApproximatesExp() {
         let expected: [(Double, Double)] = [(0, 1), (0.5, 0.606_530_66), (1, 0.367_879_44), (2, 0.135_335_28), (5, 0.006_737_95)]

@@ -206,83 +206,230 @@ final class HedgeBudget: Sendable {
     func refund() { tokens.add(100, ordering: .relaxed) }
 }
 
-/// One hedged request's copies: who won, which workers they run on, and the
-/// tasks to cancel. Shared by the copies' tasks and the request's own task.
+/// One hedged request's copies: who won, which workers they run on, how to
+/// stop them, and when the next one is due. Shared by the request's own task
+/// (which runs the first copy and any retry itself, and decides the outcome),
+/// the other copies' tasks and the pool's ``HedgeTimer``.
 final class HedgeRace: Sendable {
+    /// What a copy that lost the race throws instead of sending or writing its head.
+    struct Lost: Error {}
+
+    /// How a copy ended, as the request's task learns it.
+    struct End: Sendable {
+        let id: Int
+        /// A copy on spare capacity (not the first, not a retry).
+        let spare: Bool
+        let receipt: Receipt<ForwardResult>?
+        let error: (any Error)?
+    }
+
+    /// How a live copy is stopped when another wins: the first copy and
+    /// retries run in the request's own task, the others in tasks of their own.
+    private enum Stopper {
+        case cancellation(Cancellation)
+        case task(Task<Void, Never>)
+
+        func stop() {
+            switch self {
+            case .cancellation(let cancellation): cancellation.cancel()
+            case .task(let task): task.cancel()
+            }
+        }
+    }
+
     private struct State {
         /// The copy that took the client (by id), once one has.
         var winner: Int?
-        /// The client went away: cancel everything.
-        var cancelled = false
-        /// Running or queued copies, by id.
-        var tasks: [Int: Task<Void, Never>] = [:]
-        /// Workers of the copies that started.
+        /// The client went away, or the request's task has its outcome: no
+        /// copy starts or wins any more.
+        var closed = false
+        var nextID = 0
+        /// Live copies, by id, until their end is reported.
+        var live: [(id: Int, stopper: Stopper)] = []
+        /// Launched copies not yet on a worker.
+        var unstarted: [Int] = []
+        /// Ids of the copies that started, in order: a copy's rank is its place here.
+        var startedIDs: [Int] = []
+        /// Their workers, in the same order.
         var workers: [Int] = []
-        /// Copies started so far: a copy's rank is its place in this order.
-        var started = 0
-        /// Rank of each started copy, by id.
-        var ranks: [Int: Int] = [:]
-        /// Copies that had started on a worker when another won.
+        /// Copies on spare capacity that started.
+        var hedgesStarted = 0
+        /// Copies still live when another won.
         var losers = 0
+        /// Copies launched whose end the request's task has not taken yet.
+        var inFlight = 0
+        /// Copies asked for at once still to launch, each when the one before it starts.
+        var copiesDue: Int
+        /// No more timed copies (the budget said no).
+        var timedDone = false
+        /// The next timed copy is due `after` past this: when the latest copy
+        /// started, or a copy found no room.
+        var since: ContinuousClock.Instant?
+        /// Ends of the other copies not yet taken, and the request's task waiting for one.
+        var ends: [End] = []
+        var waiter: CheckedContinuation<End, Never>?
     }
 
-    private let state = Mutex(State())
+    private let state: Mutex<State>
+    let after: Duration?
+    let maxCopies: Int
+    /// Launches one more copy on spare capacity (the pool's, which knows the request).
+    let spawn: @Sendable (HedgeRace) -> Void
+
+    init(atOnce: Int, after: Duration?, maxCopies: Int, spawn: @escaping @Sendable (HedgeRace) -> Void) {
+        state = Mutex(State(copiesDue: atOnce - 1))
+        self.after = after
+        self.maxCopies = maxCopies
+        self.spawn = spawn
+    }
 
     var winner: Int? { state.withLock { $0.winner } }
     /// The winner's rank (0 for the copy that started first).
-    var winnerRank: Int? { state.withLock { state in state.winner.flatMap { state.ranks[$0] } } }
+    var winnerRank: Int? { state.withLock { state in state.winner.flatMap { state.startedIDs.firstIndex(of: $0) } } }
     var losersCancelled: Int { state.withLock { $0.losers } }
-
-    /// Starts copy `id` with `makeTask` and keeps the task to cancel if
-    /// another copy wins; starts nothing if one already has, or the client is
-    /// gone. The task is made under the lock, so it is known before it can
-    /// report ``finished(_:)``.
-    func start(_ id: Int, _ makeTask: () -> Task<Void, Never>) -> Bool {
-        state.withLock { state in
-            guard !state.cancelled, state.winner == nil else { return false }
-            state.tasks[id] = makeTask()
-            return true
-        }
-    }
-
-    func finished(_ id: Int) {
-        _ = state.withLock { $0.tasks.removeValue(forKey: id) }
-    }
-
-    /// Copy `id` started on worker `worker`.
-    func started(_ id: Int, worker: Int) {
-        state.withLock { state in
-            state.workers.append(worker)
-            state.ranks[id] = state.started
-            state.started += 1
-        }
-    }
-
+    var hedgesStarted: Int { state.withLock { $0.hedgesStarted } }
     /// Workers of the copies that started so far.
     var workers: [Int] { state.withLock { $0.workers } }
 
-    /// Copy `id` has a response head: it wins if nobody did yet, and every
-    /// other copy is cancelled. Returns whether it won.
+    /// Registers a new copy and returns its id, or nil when it is too late
+    /// (a copy won, or the race is closed). A copy on spare capacity goes only
+    /// while another is live; `makeStopper` is called under the lock, so the
+    /// copy can be stopped before it can report its end.
+    private func launch(spare: Bool, _ makeStopper: (Int) -> Stopper) -> Int? {
+        state.withLock { state in
+            guard !state.closed, state.winner == nil, !spare || state.inFlight > 0 else { return nil }
+            let id = state.nextID
+            state.nextID += 1
+            state.inFlight += 1
+            state.unstarted.append(id)
+            state.live.append((id, makeStopper(id)))
+            return id
+        }
+    }
+
+    /// Registers the first copy or a retry, run by the request's own task.
+    func launchInline(_ cancellation: Cancellation) -> Int? {
+        launch(spare: false) { _ in .cancellation(cancellation) }
+    }
+
+    /// Registers a copy on spare capacity and starts its task with `makeTask(id)`.
+    func launchSpare(_ makeTask: (Int) -> Task<Void, Never>) -> Int? {
+        launch(spare: true) { .task(makeTask($0)) }
+    }
+
+    /// Copy `id` is on worker `worker` and about to send; false (send
+    /// nothing) when another copy has already won. Launches the next copy
+    /// asked for at once, if any.
+    func started(_ id: Int, worker: Int, spare: Bool) -> Bool {
+        let (go, more): (Bool, Bool) = state.withLock { state in
+            state.unstarted.removeAll { $0 == id }
+            guard !state.closed, state.winner == nil else { return (false, false) }
+            state.startedIDs.append(id)
+            state.workers.append(worker)
+            if spare { state.hedgesStarted += 1 }
+            state.since = .now
+            guard state.copiesDue > 0 else { return (true, false) }
+            state.copiesDue -= 1
+            return (true, true)
+        }
+        if more { spawn(self) }
+        return go
+    }
+
+    /// Whether a timed copy is due at `now`: no head yet, a copy live and on
+    /// its worker for `after`, none waiting for one, and fewer than `maxCopies`.
+    func due(at now: ContinuousClock.Instant) -> Bool {
+        guard let after else { return false }
+        return state.withLock { state in
+            guard !state.closed, state.winner == nil, !state.timedDone, state.inFlight > 0, state.unstarted.isEmpty,
+                1 + state.hedgesStarted < maxCopies, let since = state.since
+            else { return false }
+            return since + after <= now
+        }
+    }
+
+    /// The budget refused a timed copy: no more for this request.
+    func stopTimed() { state.withLock { $0.timedDone = true } }
+
+    /// A copy on spare capacity found no worker in time: the next one is due `after` from now.
+    func restartDelay() { state.withLock { $0.since = .now } }
+
+    /// Copy `id` has a response head: it wins if nobody did yet (and the race
+    /// is open), and every other live copy is stopped. Returns whether it won.
     func claim(_ id: Int) -> Bool {
-        let losers: [Task<Void, Never>]? = state.withLock { state in
-            guard state.winner == nil, !state.cancelled else { return nil }
+        let losers: [Stopper]? = state.withLock { state in
+            guard state.winner == nil, !state.closed else { return nil }
             state.winner = id
-            let losers = state.tasks.filter { $0.key != id }
-            state.losers = losers.keys.filter { state.ranks[$0] != nil }.count
-            return Array(losers.values)
+            let others = state.live.filter { $0.id != id }
+            state.losers = others.filter { state.startedIDs.contains($0.id) }.count
+            return others.map(\.stopper)
         }
         guard let losers else { return false }
-        for task in losers { task.cancel() }
+        for loser in losers { loser.stop() }
         return true
     }
 
-    /// The client went away: every copy is cancelled.
-    func cancelAll() {
-        let tasks = state.withLock { state in
-            state.cancelled = true
-            return Array(state.tasks.values)
+    /// Copy `id` ended; returns whether it never started.
+    private func ended(_ id: Int, _ state: inout State) -> Bool {
+        state.live.removeAll { $0.id == id }
+        let count = state.unstarted.count
+        state.unstarted.removeAll { $0 == id }
+        return state.unstarted.count < count
+    }
+
+    /// The request's task took the end of a copy it ran itself.
+    func tookInline(_ id: Int) {
+        state.withLock { state in
+            _ = ended(id, &state)
+            state.inFlight -= 1
         }
-        for task in tasks { task.cancel() }
+    }
+
+    /// A copy's own task reports its end; returns whether it never started.
+    func report(_ end: End) -> Bool {
+        let (neverStarted, waiter): (Bool, CheckedContinuation<End, Never>?) = state.withLock { state in
+            let neverStarted = ended(end.id, &state)
+            if let waiter = state.waiter {
+                state.waiter = nil
+                state.inFlight -= 1
+                return (neverStarted, waiter)
+            }
+            state.ends.append(end)
+            return (neverStarted, nil)
+        }
+        waiter?.resume(returning: end)
+        return neverStarted
+    }
+
+    /// The next end of a copy run in its own task; call only while ``inFlight`` is above 0.
+    func nextEnd() async -> End {
+        await withCheckedContinuation { continuation in
+            let ready: End? = state.withLock { state in
+                if !state.ends.isEmpty {
+                    state.inFlight -= 1
+                    return state.ends.removeFirst()
+                }
+                state.waiter = continuation
+                return nil
+            }
+            if let ready { continuation.resume(returning: ready) }
+        }
+    }
+
+    /// Copies launched whose end the request's task has not taken yet.
+    var inFlight: Int { state.withLock { $0.inFlight } }
+
+    /// No copy starts or wins from now on; every live one is stopped. Returns
+    /// the winner if one claimed the client before.
+    @discardableResult
+    func close() -> Int? {
+        let (winner, live): (Int?, [Stopper]) = state.withLock { state in
+            if let winner = state.winner { return (winner, []) }
+            state.closed = true
+            return (nil, state.live.map(\.stopper))
+        }
+        for copy in live { copy.stop() }
+        return winner
     }
 }
 
@@ -290,8 +437,6 @@ final class HedgeRace: Sendable {
 /// the copy that wins the race; a later one throws, which closes its upstream
 /// connection (the forwarder treats it as a client that went away).
 struct HedgeCopyWriter<Client: ClientResponseWriting>: ClientResponseWriting {
-    struct Lost: Error {}
-
     let race: HedgeRace
     let id: Int
     let client: Client
@@ -299,7 +444,7 @@ struct HedgeCopyWriter<Client: ClientResponseWriting>: ClientResponseWriting {
     var headWritten: Bool { race.winner == id && client.headWritten }
 
     func writeHead(_ head: HTTPResponseHead) async throws {
-        guard race.claim(id) else { throw Lost() }
+        guard race.claim(id) else { throw HedgeRace.Lost() }
         try await client.writeHead(head)
     }
 
@@ -310,18 +455,60 @@ struct HedgeCopyWriter<Client: ClientResponseWriting>: ClientResponseWriting {
     func flush() async throws { try await client.flush() }
 }
 
-extension UpstreamPool {
-    private enum HedgeEvent: Sendable {
-        /// Copy `id` is on a worker.
-        case started(id: Int)
-        /// The hedge delay passed.
-        case timer
-        /// Copy `id` ended.
-        case finished(id: Int, receipt: Receipt<ForwardResult>?, error: (any Error)?)
+/// Starts the timed copies of a pool's hedged requests: one task that wakes
+/// every quarter of `after` (at least every millisecond) while any request
+/// is watched, and launches a copy for each that is due. A request pays a
+/// locked insert and remove for it, not a timer of its own; a copy goes
+/// between `after` and `after` plus a tick after the one before it started.
+final class HedgeTimer: Sendable {
+    private struct State {
+        var races: [ObjectIdentifier: HedgeRace] = [:]
+        var running = false
     }
 
+    private let state = Mutex(State())
+    private let tick: Duration
+
+    init(after: Duration) { tick = max(after / 4, .milliseconds(1)) }
+
+    func watch(_ race: HedgeRace) {
+        let start = state.withLock { state in
+            state.races[ObjectIdentifier(race)] = race
+            defer { state.running = true }
+            return !state.running
+        }
+        if start { Task.detached { await self.run() } }
+    }
+
+    func unwatch(_ race: HedgeRace) {
+        _ = state.withLock { $0.races.removeValue(forKey: ObjectIdentifier(race)) }
+    }
+
+    /// Ticks until no request is watched.
+    private func run() async {
+        while true {
+            try? await Task.sleep(for: tick)
+            let races: [HedgeRace]? = state.withLock { state in
+                guard !state.races.isEmpty else {
+                    state.running = false
+                    return nil
+                }
+                return Array(state.races.values)
+            }
+            guard let races else { return }
+            let now = ContinuousClock.now
+            for race in races where race.due(at: now) { race.spawn(race) }
+        }
+    }
+}
+
+extension UpstreamPool {
     /// Sends `head` as `plan` says, with copies on other backends; the first
     /// response head wins. See ``HedgePolicy``.
+    ///
+    /// The first copy, and any retry, runs in this task; only the copies that
+    /// are due get tasks of their own, so a request answered before `after`
+    /// costs little more than an unhedged one.
     func hedge<Body: AsyncSequence & Sendable>(
         _ head: HTTPRequestHead,
         body: Body,
@@ -331,164 +518,147 @@ extension UpstreamPool {
         forwarding: ForwardedFor,
         to writer: some ClientResponseWriting
     ) async -> Outcome where Body.Element == ByteBuffer {
-        let race = HedgeRace()
         hedgeBudget.deposit()
-        let patience = Duration.milliseconds(configuration.responseTimeoutMilliseconds)
-        let (events, sink) = AsyncStream.makeStream(of: HedgeEvent.self)
-        defer { sink.finish() }
-
-        /// Starts copy `id`: the first and retries anywhere, the others only on
-        /// spare capacity on a backend no other copy uses. Returns false when
-        /// it was too late to start it.
-        func launch(_ id: Int, spare: Bool) -> Bool {
-            let operation: @Sendable (Int) async throws -> ForwardResult = { worker in
-                race.started(id, worker: worker)
-                sink.yield(.started(id: id))
-                let copyWriter = HedgeCopyWriter(race: race, id: id, client: writer)
-                return try await self.forward(on: worker, head, body: body, forwarding: forwarding, to: copyWriter)
-            }
-            // A later copy starts once the ones before it are on their workers.
-            let eligible = spare ? spareWorkers(awayFrom: race.workers) : nil
-            return race.start(id) {
-                Task {
-                    var receipt: Receipt<ForwardResult>?
-                    var failure: (any Error)?
-                    do {
-                        if let eligible {
-                            receipt = try await self.balancer.submitOnWorker(
-                                ifRoomAmong: eligible, waitingAtMost: patience, operation)
-                        } else {
-                            receipt = try await self.balancer.submitOnWorker(operation)
-                        }
-                    } catch {
-                        failure = error
-                    }
-                    race.finished(id)
-                    sink.yield(.finished(id: id, receipt: receipt, error: failure))
-                }
-            }
+        let race = HedgeRace(atOnce: atOnce, after: after, maxCopies: maxCopies) { race in
+            self.spawnCopy(of: race, head, body: body, forwarding: forwarding, to: writer)
         }
+        let timer = after == nil ? nil : hedgeTimer
+        timer?.watch(race)
+        defer { timer?.unwatch(race) }
 
         return await withTaskCancellationHandler {
-            var nextID = 0
-            var inFlight = 0
-            /// Launched copies not yet on a worker.
-            var unstarted: Set<Int> = []
-            /// Copies launched to run only on spare capacity (not the first, not retries).
-            var spareIDs: Set<Int> = []
-            var copiesDue = atOnce - 1
-            var hedgesStarted = 0
-            var skipped = 0
-            var overBudget = 0
-            /// Copies paid from the budget, which is given back for any that never starts.
-            var budgetedIDs: Set<Int> = []
             var retriesLeft = retries
             var lastError: UpstreamError?
             var outcome: Outcome?
-            // A scheduled task on an event loop: much cheaper than a sleeping Task per request.
-            var timer: Scheduled<Void>?
-            defer { timer?.cancel() }
-
-            func start(spare: Bool) {
-                guard launch(nextID, spare: spare) else {
-                    // A copy won, or the client is gone.
-                    if inFlight == 0 { outcome = .abort }
-                    return
+            var end = await runInline(race, head, body: body, forwarding: forwarding, to: writer)
+            while true {
+                if race.winner == end.id {
+                    // The winner's exchange is over: its response went out, or broke off
+                    // (an error can still be answered if its head never left the writer).
+                    outcome = end.receipt.map { forwarded($0) } ?? brokenOff(end.error, writer: writer)
+                    break
                 }
-                unstarted.insert(nextID)
-                if spare { spareIDs.insert(nextID) }
-                nextID += 1
-                inFlight += 1
-            }
-            /// Another copy on spare capacity, if the budget allows it.
-            func startCopy() {
-                guard hedgeBudget.withdraw() else {
-                    overBudget += 1
-                    return
-                }
-                let id = nextID
-                start(spare: true)
-                if nextID > id { budgetedIDs.insert(id) } else { hedgeBudget.refund() }
-            }
-            /// Another copy after `after`, if one may still go.
-            func armTimer() {
-                timer?.cancel()
-                timer = nil
-                guard let after, race.winner == nil, 1 + hedgesStarted < maxCopies else { return }
-                timer = eventLoopGroup.any().scheduleTask(in: .nanoseconds(Int64(after / .nanoseconds(1)))) {
-                    sink.yield(.timer)
-                }
-            }
-
-            start(spare: false)
-            if let outcome { return outcome }
-            for await event in events {
-                switch event {
-                case .started(let id):
-                    unstarted.remove(id)
-                    if spareIDs.contains(id) { hedgesStarted += 1 }
-                    if copiesDue > 0 && race.winner == nil && outcome == nil {
-                        copiesDue -= 1
-                        startCopy()
-                    } else {
-                        armTimer()
-                    }
-                case .timer:
-                    timer = nil
-                    if race.winner == nil && outcome == nil && unstarted.isEmpty && 1 + hedgesStarted < maxCopies {
-                        startCopy()
-                    }
-                case .finished(let id, let receipt, let error):
-                    inFlight -= 1
-                    if unstarted.remove(id) != nil && budgetedIDs.contains(id) { hedgeBudget.refund() }
-                    if race.winner == id {
-                        // The winner's exchange is over: its response went out, or broke off
-                        // (an error can still be answered if its head never left the writer).
-                        outcome = receipt.map { forwarded($0) } ?? brokenOff(error, writer: writer)
-                    } else if let error, race.winner == nil, outcome == nil {
-                        if spareIDs.contains(id), error is BalancerError {
-                            // No spare worker on another backend in time (or the balancer is
-                            // shutting down): the other copies go on; try again after the delay.
-                            skipped += 1
-                            if inFlight > 0 { armTimer() }
-                        } else {
-                            switch error {
-                            case let error as UpstreamError where error.kind == .clientAborted:
-                                outcome = .abort
-                            case let error as UpstreamError:
-                                lastError = error
-                            case BalancerError.cancelled:
-                                outcome = .abort
-                            case BalancerError.unavailable:
-                                outcome = .failed(lastError.map { .noHealthyBackend(after: $0) } ?? APIError(error))
-                            case let error:
-                                outcome = .failed(APIError(error))
-                            }
-                        }
-                        if inFlight == 0 && outcome == nil {
-                            // Every copy failed before a response head: the pool's retry rules.
-                            if let lastError, retriesLeft > 0,
-                                lastError.isRetryable(method: head.method, bodyReplayable: true)
-                            {
-                                retriesLeft -= 1
-                                countRetry(on: lastError.backend)
-                                start(spare: false)
-                            } else {
-                                outcome = .failed(lastError.map { APIError($0) } ?? APIError(BalancerError.unavailable))
-                            }
-                        }
+                var decided: Outcome?
+                if let error = end.error, race.winner == nil, !(end.spare && error is BalancerError) {
+                    // (A spare copy the balancer refused found no room in time: the others go on.)
+                    switch error {
+                    case let error as UpstreamError where error.kind == .clientAborted:
+                        decided = .abort
+                    case let error as UpstreamError:
+                        lastError = error
+                    case BalancerError.cancelled:
+                        decided = .abort
+                    case BalancerError.unavailable:
+                        decided = .failed(lastError.map { .noHealthyBackend(after: $0) } ?? APIError(error))
+                    case let error:
+                        decided = .failed(APIError(error))
                     }
                 }
-                if outcome != nil || race.winner != nil {
-                    timer?.cancel()
-                    timer = nil
+                if decided == nil && race.winner == nil && race.inFlight == 0 {
+                    // Every copy failed before a response head: the pool's retry rules.
+                    if let lastError, retriesLeft > 0, lastError.isRetryable(method: head.method, bodyReplayable: true) {
+                        retriesLeft -= 1
+                        countRetry(on: lastError.backend)
+                        end = await runInline(race, head, body: body, forwarding: forwarding, to: writer)
+                        continue
+                    }
+                    decided = .failed(lastError.map { APIError($0) } ?? APIError(BalancerError.unavailable))
                 }
-                if outcome != nil && inFlight == 0 { break }
+                // A failure ends the request, unless a copy has taken the client: then its end does.
+                if let decided, race.close() == nil {
+                    outcome = decided
+                    break
+                }
+                end = await race.nextEnd()
             }
-            recordHedge(race: race, hedgesStarted: hedgesStarted, skipped: skipped, overBudget: overBudget)
+            race.close()
+            recordHedge(race: race)
             return outcome ?? .abort
         } onCancel: {
-            race.cancelAll()
+            race.close()
+        }
+    }
+
+    /// Runs the first copy, or a retry, in this task, on any worker.
+    private func runInline<Body: AsyncSequence & Sendable>(
+        _ race: HedgeRace,
+        _ head: HTTPRequestHead,
+        body: Body,
+        forwarding: ForwardedFor,
+        to writer: some ClientResponseWriting
+    ) async -> HedgeRace.End where Body.Element == ByteBuffer {
+        let cancellation = Cancellation()
+        guard let id = race.launchInline(cancellation) else {
+            return HedgeRace.End(id: -1, spare: false, receipt: nil, error: BalancerError.cancelled)
+        }
+        var receipt: Receipt<ForwardResult>?
+        var failure: (any Error)?
+        do {
+            receipt = try await balancer.submitOnWorker(
+                cancellation: cancellation,
+                copyOperation(race, id, spare: false, head, body: body, forwarding: forwarding, to: writer))
+        } catch {
+            failure = error
+        }
+        race.tookInline(id)
+        return HedgeRace.End(id: id, spare: false, receipt: receipt, error: failure)
+    }
+
+    /// Starts one more copy of `race`'s request on spare capacity: on the
+    /// least-loaded worker with room of a backend no other copy uses, waiting
+    /// for one (ahead of the backlog) while no copy has answered, at most the
+    /// pool's response timeout. Paid from the budget, given back if it never starts.
+    private func spawnCopy<Body: AsyncSequence & Sendable>(
+        of race: HedgeRace,
+        _ head: HTTPRequestHead,
+        body: Body,
+        forwarding: ForwardedFor,
+        to writer: some ClientResponseWriting
+    ) where Body.Element == ByteBuffer {
+        guard hedgeBudget.withdraw() else {
+            race.stopTimed()
+            hedgeStats.withLock { $0.overBudget += 1 }
+            return
+        }
+        // A later copy starts once the ones before it are on their workers.
+        let eligible = spareWorkers(awayFrom: race.workers)
+        let patience = Duration.milliseconds(configuration.responseTimeoutMilliseconds)
+        let launched = race.launchSpare { id in
+            let operation = copyOperation(race, id, spare: true, head, body: body, forwarding: forwarding, to: writer)
+            return Task {
+                var receipt: Receipt<ForwardResult>?
+                var failure: (any Error)?
+                do {
+                    receipt = try await self.balancer.submitOnWorker(
+                        ifRoomAmong: eligible, waitingAtMost: patience, operation)
+                } catch {
+                    failure = error
+                }
+                let end = HedgeRace.End(id: id, spare: true, receipt: receipt, error: failure)
+                if let error = failure as? BalancerError, error != .cancelled, race.winner == nil {
+                    race.restartDelay()
+                    self.hedgeStats.withLock { $0.skipped += 1 }
+                }
+                if race.report(end) { self.hedgeBudget.refund() }
+            }
+        }
+        if launched == nil { hedgeBudget.refund() }
+    }
+
+    /// What copy `id` runs on its worker: forward, unless another copy won first.
+    private func copyOperation<Body: AsyncSequence & Sendable>(
+        _ race: HedgeRace,
+        _ id: Int,
+        spare: Bool,
+        _ head: HTTPRequestHead,
+        body: Body,
+        forwarding: ForwardedFor,
+        to writer: some ClientResponseWriting
+    ) -> @Sendable (Int) async throws -> ForwardResult where Body.Element == ByteBuffer {
+        { worker in
+            guard race.started(id, worker: worker, spare: spare) else { throw HedgeRace.Lost() }
+            return try await self.forward(
+                on: worker, head, body: body, forwarding: forwarding, to: HedgeCopyWriter(race: race, id: id, client: writer))
         }
     }
 
@@ -499,17 +669,16 @@ extension UpstreamPool {
         return .failed(APIError(error))
     }
 
-    /// Adds one request's figures to the pool's hedging stats.
-    private func recordHedge(race: HedgeRace, hedgesStarted: Int, skipped: Int, overBudget: Int) {
-        guard hedgesStarted > 0 || skipped > 0 || overBudget > 0 else { return }
+    /// Adds one request's copies to the pool's hedging stats.
+    private func recordHedge(race: HedgeRace) {
+        let hedgesStarted = race.hedgesStarted
+        guard hedgesStarted > 0 else { return }
+        let (rank, losers) = (race.winnerRank, race.losersCancelled)
         hedgeStats.withLock { stats in
-            stats.skipped += skipped
-            stats.overBudget += overBudget
-            guard hedgesStarted > 0 else { return }
             stats.hedgedRequests += 1
             stats.copiesSent += hedgesStarted
-            stats.cancelledLosers += race.losersCancelled
-            if let rank = race.winnerRank, stats.winsByCopy.indices.contains(rank) {
+            stats.cancelledLosers += losers
+            if let rank, stats.winsByCopy.indices.contains(rank) {
                 stats.winsByCopy[rank] += 1
             }
         }

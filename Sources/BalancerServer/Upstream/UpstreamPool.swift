@@ -39,6 +39,8 @@ public final class UpstreamPool: Service, Sendable {
     public let hedging: HedgePolicy
     let hedgeStats: Mutex<HedgeStats>
     let hedgeBudget: HedgeBudget
+    /// Starts timed copies; `nil` when the pool sends none.
+    let hedgeTimer: HedgeTimer?
     let eventLoopGroup: any EventLoopGroup
     private let upstreamConfiguration: UpstreamConfiguration
     private let names: BackendNames
@@ -148,6 +150,7 @@ public final class UpstreamPool: Service, Sendable {
         self.hedging = configuration.hedging ?? ServerConfiguration().upstreamHedging
         self.hedgeStats = Mutex(HedgeStats(copies: max(hedging.maxCopies, hedging.maxReplicas)))
         self.hedgeBudget = HedgeBudget(percent: hedging.budgetPercent)
+        self.hedgeTimer = hedging.after.map { HedgeTimer(after: $0) }
 
         let passive = PassiveHealth(maxFailures: configuration.maxFails, coolDown: .milliseconds(configuration.failTimeoutMilliseconds))
         var state = State()
