@@ -57,8 +57,10 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "Copy an idempotent request to another backend after this long without a response head, ms; 0 = off. [default: 0]")
     var upstreamHedgeAfterMs: String?
     @Option(help: "Most copies of one hedged request, the first included. [default: 2]") var upstreamHedgeMax: String?
-    @Option(help: "Timed hedge copies per 100 requests that could be hedged, at most. [default: 10]")
+    @Option(help: "Hedge copies per 100 requests that could be hedged, at most. [default: 10]")
     var upstreamHedgeBudgetPercent: String?
+    @Option(help: "Hedge after this percentile of the pool's recent response times (at least --upstream-hedge-after-ms); 0 = off. [default: 0]")
+    var upstreamHedgeAfterPercentile: String?
     @Option(help: "Most copies X-Balancer-Replicas may ask for; 1 forbids the header. [default: 2]")
     var upstreamMaxReplicas: String?
     @Flag(inversion: .prefixedNo, help: "Latency histograms in /stats and GET /metrics. [default: on]") var metrics: Bool?
@@ -82,6 +84,7 @@ struct Serve: AsyncParsableCommand {
             ("connections_per_upstream", connectionsPerUpstream), ("upstream_retries", upstreamRetries),
             ("upstream_hedge_after_ms", upstreamHedgeAfterMs), ("upstream_hedge_max", upstreamHedgeMax),
             ("upstream_hedge_budget_percent", upstreamHedgeBudgetPercent),
+            ("upstream_hedge_after_percentile", upstreamHedgeAfterPercentile),
             ("upstream_max_replicas", upstreamMaxReplicas),
             ("metrics", metrics.map { String($0) }), ("access_log", accessLog.map { String($0) }),
             ("pools", pools), ("admin_port", adminPort),

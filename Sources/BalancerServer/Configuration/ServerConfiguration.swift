@@ -68,8 +68,11 @@ public struct ServerConfiguration: Sendable, Equatable {
     public var upstreamHedgeAfterMilliseconds: Int64 = 0
     /// Hedging: most copies of one request in all, the first included.
     public var upstreamHedgeMax = 2
-    /// Hedging: timed copies per 100 requests that could be hedged, at most.
+    /// Hedging: copies per 100 requests that could be hedged, at most.
     public var upstreamHedgeBudgetPercent = 10
+    /// Hedging: when above 0, the delay is this percentile of the pool's
+    /// recent response times, at least `upstreamHedgeAfterMilliseconds`.
+    public var upstreamHedgeAfterPercentile = 0
     /// Most copies a client may ask for with `X-Balancer-Replicas` (more are
     /// capped to this); 1 forbids the header (400).
     public var upstreamMaxReplicas = 2

@@ -12,7 +12,10 @@ import Synchronization
 /// so in practice: no body) is ever copied; POST never is.
 ///
 /// - Timed: when no response head has arrived `after` a copy started, one more
-///   copy starts, up to `maxCopies` in all.
+///   copy starts, up to `maxCopies` in all. With `afterPercentile` the delay
+///   follows the pool's recent response times instead (Finagle's backup
+///   requests): their `afterPercentile`th percentile, never less than `after`.
+///   Until the pool has answered once, only `after` applies.
 /// - Asked for: `X-Balancer-Replicas: N` starts N copies at once (each as soon
 ///   as the one before it is on a worker), and no timed ones. N is capped at
 ///   `maxReplicas`; when that is 1 the header is refused with 400.
@@ -49,12 +52,27 @@ public struct HedgePolicy: Sendable, Hashable {
     public var maxReplicas: Int
     /// Copies per 100 requests that could be hedged, at most.
     public var budgetPercent: Int
+    /// When above 0, the delay is this percentile of the pool's recent
+    /// response times, at least `after` (which may then be `nil`).
+    public var afterPercentile: Int
 
-    public init(after: Duration?, maxCopies: Int, maxReplicas: Int, budgetPercent: Int = 10) {
+    public init(after: Duration?, maxCopies: Int, maxReplicas: Int, budgetPercent: Int = 10, afterPercentile: Int = 0) {
         self.after = after
         self.maxCopies = maxCopies
         self.maxReplicas = maxReplicas
         self.budgetPercent = budgetPercent
+        self.afterPercentile = afterPercentile
+    }
+
+    /// Whether requests get timed copies.
+    var timed: Bool { after != nil || afterPercentile > 0 }
+
+    /// The delay before a timed copy now, given the pool's estimate of its
+    /// `afterPercentile`th percentile; `nil`: no timed copy (none configured,
+    /// or no estimate yet and no `after`).
+    func delay(estimate: Duration?) -> Duration? {
+        guard afterPercentile > 0, let estimate else { return after }
+        return max(estimate, after ?? .zero)
     }
 
     /// The request header that asks for copies at once.
@@ -84,7 +102,7 @@ public struct HedgePolicy: Sendable, Hashable {
         }
         guard replayable && head.method.isIdempotent else { return .single }
         if asked > 1 { return .hedged(atOnce: asked, after: nil, maxCopies: asked) }
-        if let after, maxCopies > 1 { return .hedged(atOnce: 1, after: after, maxCopies: maxCopies) }
+        if timed, maxCopies > 1 { return .hedged(atOnce: 1, after: after ?? .zero, maxCopies: maxCopies) }
         return .single
     }
 }
@@ -95,10 +113,12 @@ extension HedgePolicy {
     static let afterRange: ClosedRange<Int64> = 0...3_600_000
     static let copiesRange: ClosedRange<Int> = 1...16
     static let budgetRange: ClosedRange<Int> = 1...100
+    static let percentileRange: ClosedRange<Int> = 0...99
 
     /// The fields of a pool's `hedge` object in the config file: `after_ms`
-    /// (0: no timed copies), `max`, `max_replicas`, `budget_percent`. A field
-    /// left out has its top-level key's default.
+    /// (0: no timed copies unless `after_percentile`), `max`, `max_replicas`,
+    /// `budget_percent`, `after_percentile` (0: off). A field left out has its
+    /// top-level key's default.
     static let keys: [ObjectKey<HedgePolicy>] = [
         .custom(
             "after_ms",
@@ -111,6 +131,7 @@ extension HedgePolicy {
         .int("max", \.maxCopies, range: copiesRange),
         .int("max_replicas", \.maxReplicas, range: copiesRange),
         .int("budget_percent", \.budgetPercent, range: budgetRange),
+        .int("after_percentile", \.afterPercentile, range: percentileRange),
     ]
 }
 
@@ -121,7 +142,8 @@ extension ServerConfiguration {
             after: upstreamHedgeAfterMilliseconds > 0 ? .milliseconds(upstreamHedgeAfterMilliseconds) : nil,
             maxCopies: upstreamHedgeMax,
             maxReplicas: upstreamMaxReplicas,
-            budgetPercent: upstreamHedgeBudgetPercent
+            budgetPercent: upstreamHedgeBudgetPercent,
+            afterPercentile: upstreamHedgeAfterPercentile
         )
     }
 }
@@ -155,9 +177,11 @@ struct HedgeStats: Sendable, Equatable {
 
     init(copies: Int) { winsByCopy = Array(repeating: 0, count: copies) }
 
-    var json: JSONValue {
+    /// The figures, and `delay`: the delay before a timed copy now (`null`: none).
+    func json(delay: Duration?) -> JSONValue {
         .object(
             JSONObject([
+                ("delay_us", delay.map { JSONValue($0.microseconds) } ?? .null),
                 ("hedged_requests", JSONValue(hedgedRequests)),
                 ("copies_sent", JSONValue(copiesSent)),
                 ("wins_by_copy", .array(winsByCopy.map { JSONValue($0) })),
@@ -166,6 +190,43 @@ struct HedgeStats: Sendable, Equatable {
                 ("over_budget", JSONValue(overBudget)),
             ])
         )
+    }
+}
+
+/// A running estimate of one quantile of a pool's recent response times, by
+/// frugal streaming: a sample above the estimate raises it by `quantile`
+/// steps, one below lowers it by `1 - quantile` steps, so it settles where
+/// that fraction of the samples falls below it. A step is 5% of the estimate:
+/// it follows a tenfold rise within about fifty samples above it, and a
+/// tenfold fall (at the 95th percentile) within about a thousand.
+final class QuantileEstimate: Sendable {
+    private let quantile: Double
+    /// The estimate in nanoseconds; 0 before the first sample.
+    private let nanoseconds = Atomic<Int64>(0)
+
+    init(quantile: Double) { self.quantile = quantile }
+
+    var estimate: Duration? {
+        let value = nanoseconds.load(ordering: .relaxed)
+        return value > 0 ? .nanoseconds(value) : nil
+    }
+
+    func record(_ sample: Duration) {
+        let sample = max(Int64(sample / .nanoseconds(1)), 1)
+        var current = nanoseconds.load(ordering: .relaxed)
+        while true {
+            let next: Int64
+            if current == 0 {
+                next = sample
+            } else if current < sample {
+                next = current + max(Int64(Double(current) * 0.05 * quantile), 1)
+            } else {
+                next = max(current - max(Int64(Double(current) * 0.05 * (1 - quantile)), 1), 1)
+            }
+            let (exchanged, original) = nanoseconds.compareExchange(expected: current, desired: next, ordering: .relaxed)
+            if exchanged { return }
+            current = original
+        }
     }
 }
 
@@ -456,10 +517,10 @@ struct HedgeCopyWriter<Client: ClientResponseWriting>: ClientResponseWriting {
 }
 
 /// Starts the timed copies of a pool's hedged requests: one task that wakes
-/// every quarter of `after` (at least every millisecond) while any request
+/// every quarter of the delay (at least every millisecond) while any request
 /// is watched, and launches a copy for each that is due. A request pays a
 /// locked insert and remove for it, not a timer of its own; a copy goes
-/// between `after` and `after` plus a tick after the one before it started.
+/// between the delay and the delay plus a tick after the one before it started.
 final class HedgeTimer: Sendable {
     private struct State {
         var races: [ObjectIdentifier: HedgeRace] = [:]
@@ -467,9 +528,10 @@ final class HedgeTimer: Sendable {
     }
 
     private let state = Mutex(State())
-    private let tick: Duration
+    /// The delay now, which sets the tick.
+    private let delay: @Sendable () -> Duration?
 
-    init(after: Duration) { tick = max(after / 4, .milliseconds(1)) }
+    init(delay: @escaping @Sendable () -> Duration?) { self.delay = delay }
 
     func watch(_ race: HedgeRace) {
         let start = state.withLock { state in
@@ -487,7 +549,7 @@ final class HedgeTimer: Sendable {
     /// Ticks until no request is watched.
     private func run() async {
         while true {
-            try? await Task.sleep(for: tick)
+            try? await Task.sleep(for: max((delay() ?? .milliseconds(4)) / 4, .milliseconds(1)))
             let races: [HedgeRace]? = state.withLock { state in
                 guard !state.races.isEmpty else {
                     state.running = false
@@ -519,10 +581,11 @@ extension UpstreamPool {
         to writer: some ClientResponseWriting
     ) async -> Outcome where Body.Element == ByteBuffer {
         hedgeBudget.deposit()
-        let race = HedgeRace(atOnce: atOnce, after: after, maxCopies: maxCopies) { race in
+        let delay = after == nil ? nil : hedging.delay(estimate: hedgeLatency?.estimate)
+        let race = HedgeRace(atOnce: atOnce, after: delay, maxCopies: maxCopies) { race in
             self.spawnCopy(of: race, head, body: body, forwarding: forwarding, to: writer)
         }
-        let timer = after == nil ? nil : hedgeTimer
+        let timer = delay == nil ? nil : hedgeTimer
         timer?.watch(race)
         defer { timer?.unwatch(race) }
 

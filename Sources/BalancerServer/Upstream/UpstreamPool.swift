@@ -41,6 +41,8 @@ public final class UpstreamPool: Service, Sendable {
     let hedgeBudget: HedgeBudget
     /// Starts timed copies; `nil` when the pool sends none.
     let hedgeTimer: HedgeTimer?
+    /// The percentile of response times that sets the hedge delay, when one does.
+    let hedgeLatency: QuantileEstimate?
     let eventLoopGroup: any EventLoopGroup
     private let upstreamConfiguration: UpstreamConfiguration
     private let names: BackendNames
@@ -150,7 +152,10 @@ public final class UpstreamPool: Service, Sendable {
         self.hedging = configuration.hedging ?? ServerConfiguration().upstreamHedging
         self.hedgeStats = Mutex(HedgeStats(copies: max(hedging.maxCopies, hedging.maxReplicas)))
         self.hedgeBudget = HedgeBudget(percent: hedging.budgetPercent)
-        self.hedgeTimer = hedging.after.map { HedgeTimer(after: $0) }
+        let hedging = self.hedging
+        let latency = hedging.afterPercentile > 0 ? QuantileEstimate(quantile: Double(hedging.afterPercentile) / 100) : nil
+        self.hedgeLatency = latency
+        self.hedgeTimer = hedging.timed ? HedgeTimer { hedging.delay(estimate: latency?.estimate) } : nil
 
         let passive = PassiveHealth(maxFailures: configuration.maxFails, coolDown: .milliseconds(configuration.failTimeoutMilliseconds))
         var state = State()
@@ -276,8 +281,10 @@ public final class UpstreamPool: Service, Sendable {
         guard let connection = state.withLock({ $0.workers[worker]?.connection }) else {
             throw UpstreamError(.closedBeforeRequestSent, backend: name, detail: "worker \(worker) has no connection")
         }
+        let start = hedgeLatency == nil ? nil : ContinuousClock.now
         do {
             let result = try await connection.forward(head, body: body, forwarding: forwarding, to: writer)
+            if let start { hedgeLatency?.record(.now - start) }
             state.withLock { state in
                 state.workers[worker]?.stats.record(result)
                 if let index = state.index(of: connection.backend.name) { state.backends[index].passive.recordSuccess() }
@@ -643,7 +650,7 @@ public final class UpstreamPool: Service, Sendable {
                 ),
                 ("pending_mean", JSONValue(snapshot.pendingMean)),
                 ("pending_variance", JSONValue(snapshot.pendingVariance)),
-                ("hedging", hedgeStats.withLock { $0.json }),
+                ("hedging", hedgeStats.withLock { $0.json(delay: hedging.delay(estimate: hedgeLatency?.estimate)) }),
             ])
         )
         guard let latency, case .object(var object) = pool else { return pool }

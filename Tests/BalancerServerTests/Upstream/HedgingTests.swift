@@ -45,6 +45,14 @@ private struct HedgeFigures: Equatable, CustomStringConvertible {
     }
 }
 
+/// The pool's `hedging.delay_us` in `/stats` (nil when it is null).
+private func hedgeDelay(_ server: TestServer) async throws -> Int? {
+    let stats = try await request(server.url("/stats"))
+    let upstream = try #require((try stats.json["pools"] as? [[String: any Sendable]])?.first)
+    let hedging = try #require(upstream["hedging"] as? [String: any Sendable])
+    return hedging["delay_us"] as? Int
+}
+
 /// Waits until every upstream worker's pending is back to 0, then returns the figures.
 private func settled(_ server: TestServer) async throws -> HedgeFigures {
     var figures = try await HedgeFigures.read(server)
@@ -278,6 +286,71 @@ struct HedgingTests {
         for _ in 0..<1_000 { budget.deposit() }
         for _ in 0..<HedgeBudget.burst { #expect(budget.withdraw()) }
         #expect(!budget.withdraw(), "deposits stop at the burst")
+    }
+
+    @Test("the quantile estimate settles at the percentile of its samples and follows a change")
+    func quantileEstimate() throws {
+        var random = SplitMix64(seed: 7)
+        /// An exponential sample with mean `mean` ms.
+        func sample(mean: Double) -> Duration {
+            let uniform = Double(random.next() >> 11) / Double(1 << 53)
+            return .nanoseconds(Int64(-log(1 - uniform) * mean * 1e6))
+        }
+        let estimate = QuantileEstimate(quantile: 0.95)
+        #expect(estimate.estimate == nil, "no sample yet")
+        for _ in 0..<20_000 { estimate.record(sample(mean: 10)) }
+        // The 95th percentile of an exponential distribution is mean × ln 20.
+        let p95: Double = log(20)
+        let settled: Double = try #require(estimate.estimate).seconds * 1e3
+        #expect(abs(settled - 10 * p95) < 10 * p95 * 0.15, "estimate \(settled) ms")
+        for _ in 0..<5_000 { estimate.record(sample(mean: 100)) }
+        let risen: Double = try #require(estimate.estimate).seconds * 1e3
+        #expect(abs(risen - 100 * p95) < 100 * p95 * 0.15, "estimate \(risen) ms")
+    }
+
+    @Test("after_percentile: the delay follows the pool's response times, at least after_ms; the settings load")
+    func percentileDelay() async throws {
+        let policy = HedgePolicy(after: nil, maxCopies: 2, maxReplicas: 2, afterPercentile: 95)
+        var head = HTTPRequestHead(version: .http1_1, method: .GET, uri: "/")
+        #expect(policy.plan(for: &head, replayable: true) == .hedged(atOnce: 1, after: .zero, maxCopies: 2))
+        #expect(policy.delay(estimate: nil) == nil, "no timed copy before the pool has answered")
+        #expect(policy.delay(estimate: .milliseconds(30)) == .milliseconds(30))
+        var floored = policy
+        floored.after = .milliseconds(50)
+        #expect(floored.delay(estimate: nil) == .milliseconds(50))
+        #expect(floored.delay(estimate: .milliseconds(30)) == .milliseconds(50), "never below after_ms")
+        #expect(floored.delay(estimate: .milliseconds(80)) == .milliseconds(80))
+
+        let loaded = try ServerConfiguration.load(
+            environment: ["BALANCER_UPSTREAM_HEDGE_AFTER_PERCENTILE": "95"],
+            file: ("pools.json", ByteBuffer(string: """
+                {"pools": [{"name": "jobs", "kind": "jobs"},
+                  {"name": "api", "route": "/api/", "backends": [{"url": "http://127.0.0.1:9001"}], "hedge": {"after_percentile": 99}},
+                  {"name": "web", "backends": [{"url": "http://127.0.0.1:9002"}]}]}
+                """)))
+        #expect(loaded.upstreamHedgeAfterPercentile == 95)
+        #expect(loaded.effectivePools.compactMap(\.hedging?.afterPercentile) == [99, 95])
+        #expect {
+            _ = try ServerConfiguration.load(environment: ["BALANCER_UPSTREAM_HEDGE_AFTER_PERCENTILE": "100"])
+        } throws: { error in
+            "\(error)".contains("100 is out of range 0...99")
+        }
+
+        // Two backends answering in 40 ms: the delay (p50) settles near 40 ms.
+        let first = try await UpstreamTestBackend.start(responseDelay: .milliseconds(40))
+        let second = try await UpstreamTestBackend.start(responseDelay: .milliseconds(40))
+        defer { Task { await first.stop(); await second.stop() } }
+        try await withProxy([first.port, second.port], { $0.upstreamHedgeAfterPercentile = 50 }) { server, _ in
+            #expect(try await hedgeDelay(server) == nil, "no estimate yet, no after_ms: no timed copies")
+            for _ in 0..<10 {
+                let answer = try await request(server.url("/delayed"))
+                #expect(answer.status == 200)
+            }
+            let delay = try #require(try await hedgeDelay(server))
+            #expect(delay >= 35_000 && delay <= 200_000, "delay \(delay) µs")
+            let figures = try await settled(server)
+            #expect(figures.pending.allSatisfy { $0 == 0 }, "\(figures)")
+        }
     }
 
     @Test("which requests are copied, and how the header is read", arguments: [
