@@ -95,15 +95,22 @@ public actor Balancer {
 
     /// Creates a balancer with `configuration.workers` workers; they start with ``run()``.
     ///
-    /// - Precondition: `configuration.problems` is empty.
-    public init(configuration: Configuration = .init()) {
+    /// - Parameter groups: for each worker, by id, the group it belongs to (a
+    ///   small non-negative number), or `nil` for none: workers that share one
+    ///   resource, such as the connections of one upstream backend. Among
+    ///   workers with equal `pending`, the least-loaded strategy prefers the
+    ///   group with the fewest pending (see ``Pool``).
+    /// - Precondition: `configuration.problems` is empty, and `groups`, if
+    ///   given, has one entry per worker.
+    public init(configuration: Configuration = .init(), groups: [Int]? = nil) {
         precondition(configuration.problems.isEmpty, configuration.problems.joined(separator: "; "))
+        precondition(groups == nil || groups!.count == configuration.workers, "one group per worker")
         self.configuration = configuration
         self.capacity = configuration.effectiveCapacity
         self.random = SplitMix64(seed: configuration.seed)
         for id in 0..<configuration.workers {
             slots.append(Slot(worker: Worker(id: id)))
-            pool.insert(id)
+            pool.insert(id, group: groups?[id])
             pool.push(id)
             activeIDs.append(id)
         }
@@ -152,8 +159,8 @@ public actor Balancer {
 
     /// ``submitOnWorker(_:)`` restricted to the workers `eligible` accepts,
     /// and only on spare capacity: the request goes to the least-loaded
-    /// eligible active worker with room (by `(pending, least recently
-    /// dispatched, id)`, or by cost under ``Strategy/peakEWMA``), whatever the
+    /// eligible active worker with room (by `(pending, its group's pending,
+    /// least recently dispatched, id)`, or by cost under ``Strategy/peakEWMA``), whatever the
     /// strategy, and never waits in the backlog.
     ///
     /// When none has room it waits up to `patience` for the first eligible
@@ -548,10 +555,10 @@ public actor Balancer {
     /// `eligible` accepts: by cost under peak-EWMA, else by the heap's order.
     private func choose(among eligible: (Int) -> Bool) -> Int? {
         if configuration.strategy == .peakEWMA { return leastCostly(among: eligible) }
-        var best: (pending: Int, lastDispatch: Int, id: Int)?
+        var best: (pending: Int, group: Int, lastDispatch: Int, id: Int)?
         for id in activeIDs where eligible(id) {
             guard let record = pool[id], record.pending < capacity else { continue }
-            let key = (record.pending, record.lastDispatch, id)
+            let key = (record.pending, pool.groupPending(of: id), record.lastDispatch, id)
             if let current = best, current <= key { continue }
             best = key
         }
@@ -799,11 +806,11 @@ public actor Balancer {
 
     // MARK: - Workers at runtime
 
-    private func addSlot() -> Worker {
+    private func addSlot(group: Int?) -> Worker {
         let id = slots.count
         let worker = Worker(id: id)
         slots.append(Slot(worker: worker))
-        pool.insert(id)
+        pool.insert(id, group: group)
         pool.push(id)
         activeIDs.append(id)
         return worker
@@ -821,9 +828,10 @@ public actor Balancer {
     /// Adds a worker and returns its id; it takes work at once, backlog first.
     /// With `down`, it starts marked down and takes work only after ``markUp(_:)``:
     /// the caller can tie the id to a resource before the first request comes.
+    /// `group` is as in ``init(configuration:groups:)``.
     @discardableResult
-    public func addWorker(down: Bool = false) -> Int {
-        let worker = addSlot()
+    public func addWorker(down: Bool = false, group: Int? = nil) -> Int {
+        let worker = addSlot(group: group)
         if started && stage != .stopped { startTask(for: worker) }
         if down {
             _ = takeOutOfRotation(worker.id, becoming: .down)

@@ -4,10 +4,19 @@
 /// Workers are named by their small integer id. Each has a record holding its
 /// `pending` (requests queued on it or running) and its `index`: its position in
 /// `heap`, or `nil` while it is out of the heap (taken off by `dispatch`,
-/// draining, removed). The heap is ordered by `(pending, lastDispatch, id)`:
-/// ties in `pending` go to the worker dispatched to least recently (round-robin
-/// among equals, as nginx's least_conn and HAProxy's leastconn do), then to the
-/// lowest id.
+/// draining, removed). The heap is ordered by `(pending, group pending,
+/// lastDispatch, id)`: ties in `pending` go first to the worker whose group
+/// has the fewest pending, then to the worker dispatched to least recently
+/// (round-robin among equals, as nginx's least_conn and HAProxy's leastconn
+/// do), then to the lowest id.
+///
+/// A group is a set of workers that share one resource: the connections of
+/// one upstream backend. Each of them runs one request at a time, so their own
+/// `pending` (0 or 1) cannot tell an idle connection to a busy, slow backend
+/// from one to an idle backend; the group's total can, and with it the pool
+/// prefers the backend with the fewest requests in flight (HAProxy's
+/// leastconn, which counts per server). A worker without a group is a group
+/// of its own, and the order among such workers is `(pending, lastDispatch, id)`.
 ///
 /// Every operation keeps each record's `index` right; without that upkeep
 /// `completed` would fix up the wrong worker and the heap would silently rot.
@@ -23,6 +32,8 @@ public struct Pool: Sendable {
         public internal(set) var index: Int?
         /// When it was last dispatched to, as a count of dispatches; 0 if never.
         public internal(set) var lastDispatch = 0
+        /// The worker's group, or -1 for none.
+        public internal(set) var group = -1
     }
 
     /// Records by worker id; `nil` for ids not (or no longer) in the pool.
@@ -31,6 +42,8 @@ public struct Pool: Sendable {
     private var heap: [Int] = []
     /// Dispatches recorded so far, for `lastDispatch`.
     private var dispatches = 0
+    /// By group: the sum of its members' `pending`, and its members' ids.
+    private var groups: [(pending: Int, members: [Int])] = []
 
     public init() {}
 
@@ -53,20 +66,40 @@ public struct Pool: Sendable {
         records[id]!.pending
     }
 
-    /// Registers worker `id` with `pending` 0, outside the heap.
-    public mutating func insert(_ id: Int) {
+    /// The sum of `pending` over worker `id`'s group (its own `pending` if it
+    /// has none); the worker must be in the pool.
+    public func groupPending(of id: Int) -> Int {
+        let record = records[id]!
+        return record.group < 0 ? record.pending : groups[record.group].pending
+    }
+
+    /// Registers worker `id` with `pending` 0, outside the heap, as a member
+    /// of `group` (a small non-negative number) or of none.
+    public mutating func insert(_ id: Int, group: Int? = nil) {
         precondition(id >= 0, "worker ids are non-negative")
         if id >= records.count {
             records.append(contentsOf: repeatElement(nil, count: id - records.count + 1))
         }
         precondition(records[id] == nil, "worker \(id) is already in the pool")
-        records[id] = Record(pending: 0, index: nil, lastDispatch: 0)
+        records[id] = Record(pending: 0, index: nil, lastDispatch: 0, group: group ?? -1)
+        if let group {
+            precondition(group >= 0, "groups are non-negative")
+            if group >= groups.count {
+                groups.append(contentsOf: repeatElement((pending: 0, members: [Int]()), count: group - groups.count + 1))
+            }
+            groups[group].members.append(id)
+        }
     }
 
     /// Forgets worker `id`; it must be out of the heap.
     public mutating func delete(_ id: Int) {
         precondition(records[id]?.index == nil, "delete a worker only after taking it out of the heap")
+        let record = records[id]!
         records[id] = nil
+        if record.group >= 0 {
+            groups[record.group].members.removeAll { $0 == id }
+            changeGroup(record.group, by: -record.pending)
+        }
     }
 
     /// Changes `pending` of worker `id` by `delta`, which the caller does while
@@ -77,6 +110,7 @@ public struct Pool: Sendable {
         let new = records[id]!.pending + delta
         precondition(new >= 0, "pending of worker \(id) would fall below zero")
         records[id]!.pending = new
+        if records[id]!.group >= 0 { changeGroup(records[id]!.group, by: delta) }
     }
 
     /// Records a dispatch to worker `id`, which must be out of the heap: among
@@ -125,8 +159,10 @@ public struct Pool: Sendable {
     /// Sets `pending` of worker `id` and restores heap order if it is in the heap.
     public mutating func update(_ id: Int, pending: Int) {
         precondition(pending >= 0, "pending never goes below zero")
+        let delta = pending - records[id]!.pending
         records[id]!.pending = pending
         if let i = records[id]!.index { fix(at: i) }
+        if records[id]!.group >= 0 { changeGroup(records[id]!.group, by: delta) }
     }
 
     /// Whether heap order holds and every record's index names its own position.
@@ -142,6 +178,26 @@ public struct Pool: Sendable {
 
     // MARK: heap mechanics
 
+    /// Adds `delta` to `group`'s pending and restores heap order around its
+    /// members, whose keys all moved the same way: members in the heap are
+    /// sifted down deepest first when the group got busier (Floyd's heap
+    /// construction), up shallowest first when it got less busy. Each is
+    /// then out of order only with its children, or only with its parent,
+    /// so that order restores the heap.
+    private mutating func changeGroup(_ group: Int, by delta: Int) {
+        guard delta != 0 else { return }
+        groups[group].pending += delta
+        var positions = groups[group].members.compactMap { records[$0]?.index }
+        guard !positions.isEmpty else { return }
+        if delta > 0 {
+            positions.sort(by: >)
+            for id in positions.map({ heap[$0] }) { siftDown(records[id]!.index!) }
+        } else {
+            positions.sort()
+            for id in positions.map({ heap[$0] }) { siftUp(records[id]!.index!) }
+        }
+    }
+
     @inline(__always)
     private func less(_ a: Int, _ b: Int) -> Bool {
         let x = heap[a]
@@ -149,6 +205,11 @@ public struct Pool: Sendable {
         let rx = records[x].unsafelyUnwrapped
         let ry = records[y].unsafelyUnwrapped
         if rx.pending != ry.pending { return rx.pending < ry.pending }
+        if rx.group != ry.group {
+            let gx = rx.group < 0 ? rx.pending : groups[rx.group].pending
+            let gy = ry.group < 0 ? ry.pending : groups[ry.group].pending
+            if gx != gy { return gx < gy }
+        }
         if rx.lastDispatch != ry.lastDispatch { return rx.lastDispatch < ry.lastDispatch }
         return x < y
     }

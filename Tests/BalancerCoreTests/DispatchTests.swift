@@ -97,6 +97,33 @@ struct DispatchTests {
         }
     }
 
+    @Test("idle workers of the group with the fewest pending go first (one backend's connections)")
+    func groupsBreakTiesByTheirPending() async throws {
+        // Two backends with two one-request connections each: workers 0, 1 and 2, 3.
+        let balancer = Balancer(configuration: .init(workers: 4, capacity: 1, backlog: 8), groups: [0, 0, 1, 1])
+        let held = HeldOperations()
+        try await withRunning(balancer) { balancer in
+            try await withThrowingTaskGroup(of: Void.self) { requesters in
+                requesters.addTask { _ = try await balancer.submit(held.operation()) }
+                _ = await eventually(balancer) { $0.inFlight == 1 }
+                #expect(await balancer.stats().workers[0].pending == 1)
+                // Worker 1 is idle, but its backend has a request in flight: the others' backend takes them all.
+                var ran: [Int] = []
+                for n in 1...4 {
+                    let receipt = try await balancer.submitWithReceipt { 0 }
+                    ran.append(receipt.worker)
+                    _ = await eventually(balancer) { $0.completed == n }
+                }
+                #expect(ran == [2, 3, 2, 3])
+                held.releaseAll()
+                try await requesters.waitForAll()
+            }
+            let end = await eventually(balancer) { $0.inFlight == 0 && $0.completed == 5 }
+            #expect(end.workers.allSatisfy { $0.pending == 0 })
+            #expect(await balancer.poolIsValid())
+        }
+    }
+
     @Test("round-robin gives each worker one request in turn")
     func roundRobinTakesTurns() async throws {
         let balancer = Balancer(configuration: .init(workers: 3, capacity: 4, strategy: .roundRobin))

@@ -10,14 +10,34 @@ struct PoolTests {
         var lastDispatch: [Int: Int] = [:]
         var dispatches = 0
         var inHeap: Set<Int> = []
+        /// Each worker's group, for those that have one.
+        var group: [Int: Int] = [:]
+
+        /// Each group's pending: the sum over the pool's workers in it.
+        var groupSums: [Int: Int] {
+            var sums: [Int: Int] = [:]
+            for (id, g) in group { sums[g, default: 0] += pending[id]! }
+            return sums
+        }
+
+        /// The pending of `id`'s group, given `groupSums`.
+        func groupPending(_ id: Int, _ sums: [Int: Int]) -> Int {
+            group[id].map { sums[$0]! } ?? pending[id]!
+        }
 
         var minimum: Int? {
-            inHeap.min { a, b in (pending[a]!, lastDispatch[a, default: 0], a) < (pending[b]!, lastDispatch[b, default: 0], b) }
+            let sums = groupSums
+            return inHeap.min { a, b in
+                (pending[a]!, groupPending(a, sums), lastDispatch[a, default: 0], a)
+                    < (pending[b]!, groupPending(b, sums), lastDispatch[b, default: 0], b)
+            }
         }
     }
 
-    @Test("random push, pop, remove(at:), fix and update keep heap order and every index", arguments: [1, 2, 3, 4, 5, 6, 7, 8])
-    func randomOperationsKeepTheHeapValid(seed: UInt64) {
+    @Test(
+        "random push, pop, remove(at:), fix and update keep heap order and every index, with and without groups",
+        arguments: [1, 2, 3, 4, 5, 6, 7, 8], [false, true])
+    func randomOperationsKeepTheHeapValid(seed: UInt64, grouped: Bool) {
         var rng = SplitMix64(seed: seed)
         var pool = Pool()
         var model = Model()
@@ -26,9 +46,12 @@ struct PoolTests {
             let choice = Int.random(in: 0..<100, using: &rng)
             switch choice {
             case 0..<15:
-                // A new worker joins (up to 64 in the pool, so heaps of every depth up to 6 occur).
+                // A new worker joins (up to 64 in the pool, so heaps of every depth up to 6 occur);
+                // grouped, it joins one of five groups (backends of up to ~13 connections).
                 guard model.pending.count < 64 else { continue }
-                pool.insert(nextID)
+                let group = grouped ? Int.random(in: 0..<5, using: &rng) : nil
+                pool.insert(nextID, group: group)
+                model.group[nextID] = group
                 model.pending[nextID] = 0
                 pool.push(nextID)
                 model.inHeap.insert(nextID)
@@ -77,6 +100,7 @@ struct PoolTests {
                     pool.delete(id)
                     model.pending[id] = nil
                     model.lastDispatch[id] = nil
+                    model.group[id] = nil
                     #expect(pool[id] == nil)
                 }
             default:
@@ -87,8 +111,10 @@ struct PoolTests {
             #expect(pool.isValid, "heap invalid after step \(step)")
             #expect(pool.count == model.inHeap.count)
             #expect(pool.min == model.minimum, "step \(step)")
+            let sums = model.groupSums
             for (id, pending) in model.pending {
                 #expect(pool[id]?.pending == pending)
+                #expect(pool.groupPending(of: id) == model.groupPending(id, sums))
                 #expect((pool[id]?.index != nil) == model.inHeap.contains(id))
             }
         }
@@ -122,6 +148,39 @@ struct PoolTests {
             pool.push(id)
         }
         #expect(order == [0, 1, 2, 0, 1, 2])
+        #expect(pool.isValid)
+    }
+
+    @Test("among idle workers, the one whose group has the fewest pending comes first")
+    func tiesGoToTheLeastLoadedGroup() {
+        // Two backends of three connections each: workers 0-2 in group 0, 3-5 in group 1.
+        var pool = Pool()
+        for id in 0..<6 {
+            pool.insert(id, group: id / 3)
+            pool.push(id)
+        }
+        // Worker 0 takes a request and keeps it: group 0 has one in flight.
+        let first = pool.pop()!
+        #expect(first == 0)
+        pool.addPending(1, to: first)
+        pool.markDispatched(first)
+        pool.push(first)
+        // Requests that complete at once now go to group 1 only, in turn, though
+        // workers 1 and 2 are as idle as 3 to 5 (least recently dispatched alone would pick 1).
+        var order: [Int] = []
+        for _ in 0..<6 {
+            let id = pool.pop()!
+            order.append(id)
+            pool.markDispatched(id)
+            pool.push(id)
+        }
+        #expect(order == [3, 4, 5, 3, 4, 5])
+        // The request on worker 0 ends: group 0 is idle again and its idle workers come back first.
+        pool.remove(at: pool[0]!.index!)
+        pool.addPending(-1, to: 0)
+        pool.push(0)
+        #expect(pool.groupPending(of: 1) == 0)
+        #expect(pool.pop() == 1)
         #expect(pool.isValid)
     }
 

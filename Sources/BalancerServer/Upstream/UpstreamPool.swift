@@ -109,12 +109,20 @@ public final class UpstreamPool: Service, Sendable {
 
         func index(of backend: String) -> Int? { backends.firstIndex { $0.backend.name == backend } }
 
-        mutating func append(_ backend: Backend, connections: Int, workerIDs: [Int], passive: PassiveHealth, checker: HealthChecker? = nil) {
+        /// Takes the next ``BackendEntry/number``.
+        mutating func takeNumber() -> Int {
+            defer { nextNumber += 1 }
+            return nextNumber
+        }
+
+        mutating func append(
+            _ backend: Backend, number: Int, connections: Int, workerIDs: [Int], passive: PassiveHealth,
+            checker: HealthChecker? = nil
+        ) {
             backends.append(
                 BackendEntry(
-                    backend: backend, number: nextNumber, connections: connections, workerIDs: workerIDs, passive: passive,
+                    backend: backend, number: number, connections: connections, workerIDs: workerIDs, passive: passive,
                     checker: checker))
-            nextNumber += 1
         }
     }
 
@@ -148,7 +156,10 @@ public final class UpstreamPool: Service, Sendable {
                 owners.append(index)
             }
         }
-        self.balancer = Balancer(configuration: configuration.balancer(backlog: backlog, queueTimeout: queueTimeout))
+        // A backend's workers form one group: among idle connections the
+        // balancer prefers the backend with the fewest requests in flight.
+        self.balancer = Balancer(
+            configuration: configuration.balancer(backlog: backlog, queueTimeout: queueTimeout), groups: owners)
         self.hedging = configuration.hedging ?? ServerConfiguration().upstreamHedging
         self.hedgeStats = Mutex(HedgeStats(copies: max(hedging.maxCopies, hedging.maxReplicas)))
         self.hedgeBudget = HedgeBudget(percent: hedging.budgetPercent)
@@ -161,7 +172,7 @@ public final class UpstreamPool: Service, Sendable {
         var state = State()
         for (index, backend) in backends.enumerated() {
             state.append(
-                backend, connections: configuration.backends[index].connections,
+                backend, number: state.takeNumber(), connections: configuration.backends[index].connections,
                 workerIDs: owners.indices.filter { owners[$0] == index }, passive: passive)
         }
         for (worker, owner) in owners.enumerated() {
@@ -448,9 +459,10 @@ public final class UpstreamPool: Service, Sendable {
     public func add(_ configuration: BackendConfiguration) async throws {
         let backend = try Backend(name: configuration.name, url: configuration.url)
         guard names.reserve(backend.name) else { throw ChangeError.nameTaken(backend.name) }
+        let number = state.withLock { $0.takeNumber() }
         var workers: [Int] = []
         for _ in 0..<configuration.connections {
-            let id = await balancer.addWorker(down: true)
+            let id = await balancer.addWorker(down: true, group: number)
             let connection = UpstreamConnection(backend: backend, configuration: upstreamConfiguration, eventLoop: eventLoopGroup.next())
             state.withLock { $0.workers[id] = WorkerEntry(backend: backend.name, connection: connection) }
             workers.append(id)
@@ -458,7 +470,9 @@ public final class UpstreamPool: Service, Sendable {
         let checker = makeChecker(for: backend)
         let passive = PassiveHealth(maxFailures: self.configuration.maxFails, coolDown: .milliseconds(self.configuration.failTimeoutMilliseconds))
         let start = state.withLock { state -> Bool in
-            state.append(backend, connections: configuration.connections, workerIDs: workers, passive: passive, checker: checker)
+            state.append(
+                backend, number: number, connections: configuration.connections, workerIDs: workers, passive: passive,
+                checker: checker)
             return state.running && !state.stopped
         }
         if start, let checker { startChecking(checker) }

@@ -169,6 +169,31 @@ struct UpstreamPoolTests {
         }
     }
 
+    @Test("an idle connection to a backend that has a request in flight comes after those of an idle backend")
+    func idleConnectionsOfTheLeastBusyBackendFirst() async throws {
+        let busy = try await UpstreamTestBackend.start()
+        let idle = try await UpstreamTestBackend.start()
+        defer { Task { await busy.stop(); await idle.stop() } }
+        try await withProxy([busy.port, idle.port], { $0.connectionsPerUpstream = 3 }) { server, upstream in
+            // The first request goes to backend1's first connection and stays there.
+            async let paused = request(server.url("/pause"))
+            #expect(try await eventually { busy.requestsReceived == 1 })
+            // Backend1 still has two idle connections, but one request in flight:
+            // every further request goes to backend2 (HAProxy's leastconn), while
+            // the connections' own counts (0 each) cannot tell the backends apart.
+            for n in 1...6 {
+                let response = try await request(server.url("/hop"))
+                #expect(response.status == 200)
+                // The worker reports done just after the answer; the next request waits for it.
+                #expect(try await eventually { await upstream.balancer.stats().completed == n })
+            }
+            #expect(busy.requestsReceived == 1, "backend1 took \(busy.requestsReceived - 1) requests beside the paused one")
+            #expect(idle.requestsReceived == 6)
+            busy.releasePauses()
+            #expect(try await paused.status == 200)
+        }
+    }
+
     @Test("a slow client holds a fast backend back: the proxy does not buffer the response")
     func slowClientHoldsTheBackendBack() async throws {
         let backend = try await UpstreamTestBackend.start()
