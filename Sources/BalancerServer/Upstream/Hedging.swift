@@ -409,7 +409,8 @@ final class HedgeRace: Sendable {
         }
     }
 
-    /// The budget refused a timed copy: no more for this request.
+    /// No more timed copies for this request: the budget refused one, or no
+    /// other backend could take one.
     func stopTimed() { state.withLock { $0.timedDone = true } }
 
     /// A copy on spare capacity found no worker in time: the next one is due `after` from now.
@@ -678,13 +679,17 @@ extension UpstreamPool {
         forwarding: ForwardedFor,
         to writer: some ClientResponseWriting
     ) where Body.Element == ByteBuffer {
+        // A later copy starts once the ones before it are on their workers.
+        // No other backend at all (a pool of one): no copy, and none later.
+        guard let eligible = spareWorkers(awayFrom: race.workers) else {
+            race.stopTimed()
+            return
+        }
         guard hedgeBudget.withdraw() else {
             race.stopTimed()
             hedgeStats.withLock { $0.overBudget += 1 }
             return
         }
-        // A later copy starts once the ones before it are on their workers.
-        let eligible = spareWorkers(awayFrom: race.workers)
         let patience = Duration.milliseconds(configuration.responseTimeoutMilliseconds)
         let launched = race.launchSpare { id in
             let operation = copyOperation(race, id, spare: true, head, body: body, forwarding: forwarding, to: writer)

@@ -260,10 +260,10 @@ public final class UpstreamPool: Service, Sendable {
     }
 
     /// Which workers a copy of a request may run on: those of the backends
-    /// none of `taken` (the workers of its other copies) belongs to. Worked out
-    /// once, so the balancer's calls (one per worker each time it chooses) are
-    /// an array lookup.
-    func spareWorkers(awayFrom taken: [Int]) -> @Sendable (Int) -> Bool {
+    /// none of `taken` (the workers of its other copies) belongs to; `nil`
+    /// when there are none. Worked out once, so the balancer's calls (one per
+    /// worker each time it chooses) are an array lookup.
+    func spareWorkers(awayFrom taken: [Int]) -> (@Sendable (Int) -> Bool)? {
         let allowed = state.withLock { state -> [Bool] in
             func number(_ worker: Int) -> Int? {
                 state.workers[worker].flatMap { state.index(of: $0.backend) }.map { state.backends[$0].number }
@@ -275,6 +275,7 @@ public final class UpstreamPool: Service, Sendable {
             }
             return allowed
         }
+        guard allowed.contains(true) else { return nil }
         return { allowed.indices.contains($0) && allowed[$0] }
     }
 

@@ -150,6 +150,32 @@ struct HedgingTests {
         }
     }
 
+    @Test("a pool of one backend sends no copy: nothing waits for a backend that is not there")
+    func oneBackendNoCopy() async throws {
+        let only = try await UpstreamTestBackend.start(responseDelay: .seconds(1))
+        defer { Task { await only.stop() } }
+        try await withProxy([only.port], { $0.upstreamHedgeAfterMilliseconds = 20 }) { server, pool in
+            let client = Task { try await request(server.url("/delayed")) }
+            #expect(try await eventually(timeout: .seconds(20)) { only.requestsReceived == 1 })
+            // Past the delay many times over, the request is still the pool's only one:
+            // no copy waits in the balancer for a worker no other backend has.
+            for _ in 0..<25 {
+                try await Task.sleep(for: .milliseconds(10))
+                #expect(await pool.balancer.stats().inFlight == 1)
+            }
+            let answer = try await client.value
+            #expect(answer.status == 200)
+            #expect(answer.text == "port \(only.port)")
+            let figures = try await settled(server)
+            #expect(figures.hedged == 0 && figures.copies == 0 && figures.skipped == 0 && figures.overBudget == 0, "\(figures)")
+            #expect(only.requestsReceived == 1)
+            let stats = try await request(server.url("/stats"))
+            let pool = try #require((try stats.json["pools"] as? [[String: any Sendable]])?.first)
+            let queue = try #require(pool["queue"] as? [String: any Sendable])
+            #expect(queue["depth"] as? Int == 0)
+        }
+    }
+
     @Test("POST (and a PUT with a streamed body) is never copied, by delay or by header")
     func nonIdempotentNeverCopied() async throws {
         let slow = try await UpstreamTestBackend.start(responseDelay: .milliseconds(300))
