@@ -76,6 +76,8 @@ final class UpstreamTestBackend: Sendable {
     var disconnectsWhileDelayed: Int { delayedDisconnects.load(ordering: .relaxed) }
     /// Requests that arrived with a header whose name starts `x-balancer-`.
     var requestsWithBalancerHeaders: Int { balancerHeaders.load(ordering: .relaxed) }
+    /// Connections open now (closed ones leave once their close completes).
+    var openConnections: Int { children.withLock { $0.count } }
     /// Whether `/pause` responses went on (the test released them, or they timed out).
     var pausesReleased: Bool { released.load(ordering: .relaxed) }
 
