@@ -524,7 +524,8 @@ struct HedgeCopyWriter<Client: ClientResponseWriting>: ClientResponseWriting {
 /// between the delay and the delay plus a tick after the one before it started.
 final class HedgeTimer: Sendable {
     private struct State {
-        var races: [ObjectIdentifier: HedgeRace] = [:]
+        /// Watched requests, with when they began to be.
+        var races: [ObjectIdentifier: (race: HedgeRace, since: ContinuousClock.Instant)] = [:]
         var running = false
     }
 
@@ -535,8 +536,9 @@ final class HedgeTimer: Sendable {
     init(delay: @escaping @Sendable () -> Duration?) { self.delay = delay }
 
     func watch(_ race: HedgeRace) {
+        let now = ContinuousClock.now
         let start = state.withLock { state in
-            state.races[ObjectIdentifier(race)] = race
+            state.races[ObjectIdentifier(race)] = (race, now)
             defer { state.running = true }
             return !state.running
         }
@@ -551,16 +553,22 @@ final class HedgeTimer: Sendable {
     private func run() async {
         while true {
             try? await Task.sleep(for: max((delay() ?? .milliseconds(4)) / 4, .milliseconds(1)))
-            let races: [HedgeRace]? = state.withLock { state in
+            let now = ContinuousClock.now
+            // Only a request watched for a whole delay can be due: the others
+            // are passed over without their locks (most end well before).
+            let candidates: [HedgeRace]? = state.withLock { state in
                 guard !state.races.isEmpty else {
                     state.running = false
                     return nil
                 }
-                return Array(state.races.values)
+                var candidates: [HedgeRace] = []
+                for (race, since) in state.races.values {
+                    if let after = race.after, since + after <= now { candidates.append(race) }
+                }
+                return candidates
             }
-            guard let races else { return }
-            let now = ContinuousClock.now
-            for race in races where race.due(at: now) { race.spawn(race) }
+            guard let candidates else { return }
+            for race in candidates where race.due(at: now) { race.spawn(race) }
         }
     }
 }
@@ -679,15 +687,16 @@ extension UpstreamPool {
         forwarding: ForwardedFor,
         to writer: some ClientResponseWriting
     ) where Body.Element == ByteBuffer {
-        // A later copy starts once the ones before it are on their workers.
-        // No other backend at all (a pool of one): no copy, and none later.
-        guard let eligible = spareWorkers(awayFrom: race.workers) else {
-            race.stopTimed()
-            return
-        }
         guard hedgeBudget.withdraw() else {
             race.stopTimed()
             hedgeStats.withLock { $0.overBudget += 1 }
+            return
+        }
+        // A later copy starts once the ones before it are on their workers.
+        // No other backend at all (a pool of one): no copy, and none later.
+        guard let eligible = spareWorkers(awayFrom: race.workers) else {
+            hedgeBudget.refund()
+            race.stopTimed()
             return
         }
         let patience = Duration.milliseconds(configuration.responseTimeoutMilliseconds)

@@ -157,11 +157,12 @@ struct HedgingTests {
         try await withProxy([only.port], { $0.upstreamHedgeAfterMilliseconds = 20 }) { server, pool in
             let client = Task { try await request(server.url("/delayed")) }
             #expect(try await eventually(timeout: .seconds(20)) { only.requestsReceived == 1 })
-            // Past the delay many times over, the request is still the pool's only one:
-            // no copy waits in the balancer for a worker no other backend has.
+            // Past the delay many times over, the request is still the pool's only one
+            // (or, on a slow machine, already answered): no copy waits in the balancer
+            // for a worker no other backend has.
             for _ in 0..<25 {
                 try await Task.sleep(for: .milliseconds(10))
-                #expect(await pool.balancer.stats().inFlight == 1)
+                #expect(await pool.balancer.stats().inFlight <= 1)
             }
             let answer = try await client.value
             #expect(answer.status == 200)
