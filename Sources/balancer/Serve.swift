@@ -121,7 +121,7 @@ struct Serve: AsyncParsableCommand {
         let balancer = Balancer(configuration: configuration.balancer)
         let upstreams: [UpstreamPool]
         do {
-            upstreams = try UpstreamPool.pools(of: configuration, eventLoopGroup: eventLoopGroup)
+            upstreams = try UpstreamPool.pools(of: configuration, eventLoopGroup: eventLoopGroup, logger: logger)
         } catch {
             printError("balancer serve: \(error)")
             throw ExitCode(2)

@@ -5,6 +5,7 @@ import Logging
 import NIOCore
 import NIOPosix
 import ServiceLifecycle
+import Synchronization
 import Testing
 
 #if canImport(FoundationNetworking)
@@ -27,10 +28,13 @@ struct TestServer: Sendable {
 
 /// Runs `body` against a fresh server, then drains it gracefully and waits for it to stop.
 ///
-/// - Parameter accessLog: where the access log goes when `access_log` is on.
+/// - Parameters:
+///   - accessLog: where the access log goes when `access_log` is on.
+///   - logger: the upstream pools' logger.
 func withServer<T: Sendable>(
     _ configure: (inout ServerConfiguration) -> Void = { _ in },
     accessLog: AccessLogSink? = nil,
+    logger: Logger = quietLogger,
     _ body: (TestServer) async throws -> T
 ) async throws -> T {
     var configuration = ServerConfiguration()
@@ -38,7 +42,7 @@ func withServer<T: Sendable>(
     configuration.gracePeriodMilliseconds = 5_000
     configure(&configuration)
     let balancer = Balancer(configuration: configuration.balancer)
-    let upstreams = try UpstreamPool.pools(of: configuration, eventLoopGroup: MultiThreadedEventLoopGroup.singleton)
+    let upstreams = try UpstreamPool.pools(of: configuration, eventLoopGroup: MultiThreadedEventLoopGroup.singleton, logger: logger)
     let server = try await HTTPServer.bind(
         configuration: configuration, balancer: balancer, upstreams: upstreams, accessLog: accessLog, logger: quietLogger)
     let grace = Duration.milliseconds(configuration.gracePeriodMilliseconds)
@@ -276,4 +280,37 @@ func eventually(
         try await Task.sleep(for: .milliseconds(20))
     }
     return try await condition()
+}
+
+/// Keeps every line logged through ``logger``, for tests that check what an
+/// operator would read.
+final class LogRecorder: Sendable {
+    struct Line: Sendable {
+        let level: Logger.Level
+        let message: String
+        let metadata: [String: String]
+    }
+
+    private let lines = Mutex<[Line]>([])
+    var all: [Line] { lines.withLock { $0 } }
+
+    var logger: Logger { Logger(label: "test") { _ in Handler(recorder: self) } }
+
+    private struct Handler: LogHandler {
+        let recorder: LogRecorder
+        var metadata: Logger.Metadata = [:]
+        var metadataProvider: Logger.MetadataProvider?
+        var logLevel: Logger.Level = .trace
+
+        subscript(metadataKey key: String) -> Logger.Metadata.Value? {
+            get { metadata[key] }
+            set { metadata[key] = newValue }
+        }
+
+        func log(event: LogEvent) {
+            let merged = metadata.merging(event.metadata ?? [:]) { $1 }
+            let line = Line(level: event.level, message: event.message.description, metadata: merged.mapValues { "\($0)" })
+            recorder.lines.withLock { $0.append(line) }
+        }
+    }
 }

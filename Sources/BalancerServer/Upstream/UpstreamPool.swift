@@ -1,4 +1,5 @@
 import BalancerCore
+import Logging
 import NIOCore
 import NIOHTTP1
 import ServiceLifecycle
@@ -44,6 +45,8 @@ public final class UpstreamPool: Service, Sendable {
     /// The percentile of response times that sets the hedge delay, when one does.
     let hedgeLatency: QuantileEstimate?
     let eventLoopGroup: any EventLoopGroup
+    /// Where backends leaving and joining the rotation are logged (with why).
+    private let logger: Logger
     private let upstreamConfiguration: UpstreamConfiguration
     private let names: BackendNames
     private let state: Mutex<State>
@@ -79,6 +82,11 @@ public final class UpstreamPool: Service, Sendable {
         var checkerTask: Task<Void, Never>?
         var retries = 0
         var ejections = 0
+        /// The failure that caused the last ejection, for the log.
+        var lastFailure: String?
+        /// Whether the workers were last put in rotation (true) or taken out,
+        /// as ``reconcile(_:)`` last applied and logged it.
+        var applied = true
         /// Bumped on every change that may move the backend in or out of
         /// rotation; ``reconcile(_:)`` repeats until it applied the latest.
         var generation = 0
@@ -86,6 +94,23 @@ public final class UpstreamPool: Service, Sendable {
         /// The one rule for whether this backend's workers are in the heap.
         func inRotation(now: ContinuousClock.Instant = .now) -> Bool {
             admin == .ready && healthUp && !passive.isEjected(now: now)
+        }
+
+        /// Why the backend is out of rotation (the first reason that holds), for the log.
+        func outOfRotationReason(now: ContinuousClock.Instant = .now) -> String {
+            switch admin {
+            case .draining: return "drained through the admin API"
+            case .removing: return "being removed through the admin API"
+            case .ready: break
+            }
+            if !healthUp {
+                let last = checker?.status.lastCheck.map { $0.failure ?? "ok" } ?? "no check yet"
+                return "its health check is failing (last check: \(last))"
+            }
+            if passive.isEjected(now: now) {
+                return "ejected for \(passive.coolDown) after \(passive.maxFailures) failure(s) in a row: \(lastFailure ?? "?")"
+            }
+            return "out of rotation"
         }
     }
 
@@ -130,16 +155,21 @@ public final class UpstreamPool: Service, Sendable {
     ///   - configuration: the pool's backends, health checks and policies.
     ///   - backlog, queueTimeout: the server's, for this pool's balancer.
     ///   - names: backend names taken by every pool (they are unique server-wide).
+    ///   - logger: where backends leaving and joining the rotation are logged.
     public init(
         configuration: PoolConfiguration,
         backlog: Int,
         queueTimeout: Duration,
         names: BackendNames = BackendNames(),
-        eventLoopGroup: any EventLoopGroup
+        eventLoopGroup: any EventLoopGroup,
+        logger: Logger = Logger(label: "balancer.upstream", factory: { _ in SwiftLogNoOpLogHandler() })
     ) throws {
         precondition(configuration.kind == .upstream, "an UpstreamPool is an upstream pool")
         self.configuration = configuration
         self.eventLoopGroup = eventLoopGroup
+        var logger = logger
+        logger[metadataKey: "pool"] = "\(configuration.name)"
+        self.logger = logger
         self.names = names
         self.upstreamConfiguration = UpstreamConfiguration(
             connectTimeout: .milliseconds(configuration.connectTimeoutMilliseconds),
@@ -309,6 +339,7 @@ public final class UpstreamPool: Service, Sendable {
                     state.backends[index].passive.recordFailure()
                 else { return false }
                 state.backends[index].ejections += 1
+                state.backends[index].lastFailure = "\(error.kind.rawValue): \(error.detail)"
                 state.backends[index].generation += 1
                 return true
             }
@@ -370,8 +401,29 @@ public final class UpstreamPool: Service, Sendable {
                     await balancer.markDown(worker)
                 }
             }
-            let current = state.withLock { state in state.index(of: name).map { state.backends[$0].generation } }
+            let (current, change) = state.withLock { state -> (Int?, (entry: BackendEntry, up: Bool)?) in
+                guard let index = state.index(of: name) else { return (nil, nil) }
+                let entry = state.backends[index]
+                guard entry.generation == plan.generation, entry.applied != plan.up else { return (entry.generation, nil) }
+                state.backends[index].applied = plan.up
+                return (entry.generation, (entry, plan.up))
+            }
+            if let change { logRotation(change.entry, up: change.up) }
             if current == plan.generation { return }
+        }
+    }
+
+    /// Logs a backend joining (info) or leaving (warning) the rotation, and why.
+    private func logRotation(_ entry: BackendEntry, up: Bool) {
+        let metadata: Logger.Metadata = [
+            "backend": "\(entry.backend.name)", "url": "\(entry.backend.url)", "connections": "\(entry.connections)",
+        ]
+        if up {
+            logger.info("backend in rotation", metadata: metadata)
+        } else {
+            var metadata = metadata
+            metadata["reason"] = "\(entry.outOfRotationReason())"
+            logger.warning("backend out of rotation", metadata: metadata)
         }
     }
 
@@ -477,6 +529,8 @@ public final class UpstreamPool: Service, Sendable {
             return state.running && !state.stopped
         }
         if start, let checker { startChecking(checker) }
+        logger.info(
+            "backend added", metadata: ["backend": "\(backend.name)", "url": "\(backend.url)", "connections": "\(workers.count)"])
         await reconcile(backend.name)
     }
 
@@ -513,6 +567,7 @@ public final class UpstreamPool: Service, Sendable {
             return state.workersLeft
         }
         names.release(name)
+        logger.info("backend removed", metadata: ["backend": "\(name)"])
         workersLeft?(Array(ids))
     }
 
@@ -710,7 +765,11 @@ extension UpstreamError.Kind {
 extension UpstreamPool {
     /// The upstream pools of `configuration.effectivePools`, in order, with
     /// the server's backlog and queue timeout.
-    public static func pools(of configuration: ServerConfiguration, eventLoopGroup: any EventLoopGroup) throws -> [UpstreamPool] {
+    public static func pools(
+        of configuration: ServerConfiguration,
+        eventLoopGroup: any EventLoopGroup,
+        logger: Logger = Logger(label: "balancer.upstream", factory: { _ in SwiftLogNoOpLogHandler() })
+    ) throws -> [UpstreamPool] {
         let names = BackendNames()
         return try configuration.effectivePools.filter { $0.kind == .upstream }.map { pool in
             try UpstreamPool(
@@ -718,7 +777,8 @@ extension UpstreamPool {
                 backlog: configuration.backlog,
                 queueTimeout: .milliseconds(configuration.queueTimeoutMilliseconds),
                 names: names,
-                eventLoopGroup: eventLoopGroup
+                eventLoopGroup: eventLoopGroup,
+                logger: logger
             )
         }
     }

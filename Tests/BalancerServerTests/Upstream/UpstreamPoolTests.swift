@@ -1,5 +1,6 @@
 import BalancerCore
 import Foundation
+import Logging
 import NIOCore
 import NIOPosix
 import ServiceLifecycle
@@ -16,13 +17,14 @@ import FoundationNetworking
 func withProxy<T: Sendable>(
     _ backends: [Int],
     _ configure: (inout ServerConfiguration) -> Void = { _ in },
+    logger: Logger = quietLogger,
     _ body: (TestServer, UpstreamPool) async throws -> T
 ) async throws -> T {
     try await withServer({ configuration in
         configuration.upstreams = backends.map { "http://127.0.0.1:\($0)" }
         configuration.connectionsPerUpstream = 4
         configure(&configuration)
-    }) { server in
+    }, logger: logger) { server in
         try await body(server, try #require(server.server.upstreams.first))
     }
 }
@@ -117,6 +119,40 @@ struct UpstreamPoolTests {
             let backends = try #require(pool["backends"] as? [[String: any Sendable]])
             #expect((backends[1]["ejections"] as? Int ?? 0) >= 1, "the dead backend was ejected: \(backends)")
             _ = upstream
+        }
+    }
+
+    @Test("a backend leaving the rotation is logged as a warning with the reason, its return as info")
+    func rotationChangesAreLogged() async throws {
+        let alive = try await UpstreamTestBackend.start()
+        let dead = try await UpstreamTestBackend.start()
+        let deadPort = dead.port
+        await dead.stop()
+        defer { Task { await alive.stop() } }
+        let log = LogRecorder()
+        try await withProxy([alive.port, deadPort], { $0.upstreamFailTimeoutMilliseconds = 300 }, logger: log.logger) { server, _ in
+            // Requests until one meets the dead backend: refused, retried on the live one, backend2 ejected.
+            var statuses: [Int] = []
+            let ejected = try await eventually {
+                statuses.append(try await request(server.url("/echo")).status)
+                return log.all.contains { $0.message == "backend out of rotation" }
+            }
+            #expect(ejected)
+            #expect(statuses.allSatisfy { $0 == 200 }, "the refused request was retried: \(statuses)")
+            let out = try #require(log.all.first { $0.message == "backend out of rotation" })
+            #expect(out.level == .warning)
+            #expect(out.metadata["pool"] == "upstream")
+            #expect(out.metadata["backend"] == "backend2")
+            #expect(out.metadata["url"] == "http://127.0.0.1:\(deadPort)")
+            let reason = out.metadata["reason"] ?? ""
+            #expect(reason.contains("ejected") && reason.contains("connect_failed"), "reason: \(reason)")
+            // The cool-down ends: back in rotation, logged once.
+            #expect(try await eventually { log.all.contains { $0.message == "backend in rotation" } })
+            let back = log.all.filter { $0.message == "backend in rotation" }
+            #expect(back.count == 1)
+            #expect(back.first?.level == .info)
+            #expect(back.first?.metadata["backend"] == "backend2")
+            #expect(!log.all.contains { $0.metadata["backend"] == "backend1" }, "backend1 never left")
         }
     }
 
