@@ -71,8 +71,9 @@ struct HedgingTests {
         let slow = try await UpstreamTestBackend.start(responseDelay: .seconds(10))
         let fast = try await UpstreamTestBackend.start()
         defer { Task { await slow.stop(); await fast.stop() } }
-        // 200 ms: time for the first copy to reach the slow backend first, even on a busy machine.
-        try await withProxy([slow.port, fast.port], { $0.upstreamHedgeAfterMilliseconds = 200 }) { server, _ in
+        // 1 s: time for the first copy to reach the slow backend first, even when the
+        // tests beside it keep the machine's few threads busy.
+        try await withProxy([slow.port, fast.port], { $0.upstreamHedgeAfterMilliseconds = 1_000 }) { server, _ in
             // The first request goes to worker 0, the slow backend's.
             let answer = try await request(server.url("/delayed"))
             #expect(answer.status == 200)
@@ -93,13 +94,13 @@ struct HedgingTests {
 
     @Test("a copy that fails fast does not win while another copy may still answer")
     func fastFailureDoesNotWin() async throws {
-        let gone = try await UpstreamTestBackend.start()
-        let deadPort = gone.port
-        await gone.stop()
+        // A backend that answers garbage at once (a closed port could be taken by
+        // another test's server meanwhile).
+        let broken = try await UpstreamTestBackend.start(mode: .garbage)
         let live = try await UpstreamTestBackend.start(responseDelay: .milliseconds(300))
-        defer { Task { await live.stop() } }
-        try await withProxy([deadPort, live.port]) { server, _ in
-            // Two copies at once: the first on the dead backend (refused at once), the second on the live one.
+        defer { Task { await broken.stop(); await live.stop() } }
+        try await withProxy([broken.port, live.port]) { server, _ in
+            // Two copies at once: the first on the broken backend (fails at once), the second on the live one.
             let answer = try await request(server.url("/delayed"), headers: ["X-Balancer-Replicas": "2"])
             #expect(answer.status == 200, "\(answer.text)")
             #expect(answer.text == "port \(live.port)")
@@ -114,7 +115,9 @@ struct HedgingTests {
     @Test("X-Balancer-Replicas: N copies at once on distinct backends, capped by upstream_max_replicas, and not forwarded")
     func replicasHeader() async throws {
         let slowest = try await UpstreamTestBackend.start(responseDelay: .seconds(10))
-        let slow = try await UpstreamTestBackend.start(responseDelay: .milliseconds(200))
+        // 1 s: time for the first copy to reach the slowest backend before this one
+        // answers, even when the tests beside it keep the machine's threads busy.
+        let slow = try await UpstreamTestBackend.start(responseDelay: .seconds(1))
         let idle = try await UpstreamTestBackend.start()
         defer { Task { await slowest.stop(); await slow.stop(); await idle.stop() } }
         try await withProxy([slowest.port, slow.port, idle.port]) { server, _ in
