@@ -186,10 +186,13 @@ public final class UpstreamPool: Service, Sendable {
                 owners.append(index)
             }
         }
-        // A backend's workers form one group: among idle connections the
-        // balancer prefers the backend with the fewest requests in flight.
+        var state = State()
+        let numbers = backends.map { _ in state.takeNumber() }
+        // A backend's workers form one group, named by its number: among idle
+        // connections the balancer prefers the backend with the fewest requests in flight.
         self.balancer = Balancer(
-            configuration: configuration.balancer(backlog: backlog, queueTimeout: queueTimeout), groups: owners)
+            configuration: configuration.balancer(backlog: backlog, queueTimeout: queueTimeout),
+            groups: owners.map { numbers[$0] })
         self.hedging = configuration.hedging ?? ServerConfiguration().upstreamHedging
         self.hedgeStats = Mutex(HedgeStats(copies: max(hedging.maxCopies, hedging.maxReplicas)))
         self.hedgeBudget = HedgeBudget(percent: hedging.budgetPercent)
@@ -199,10 +202,9 @@ public final class UpstreamPool: Service, Sendable {
         self.hedgeTimer = hedging.timed ? HedgeTimer { hedging.delay(estimate: latency?.estimate) } : nil
 
         let passive = PassiveHealth(maxFailures: configuration.maxFails, coolDown: .milliseconds(configuration.failTimeoutMilliseconds))
-        var state = State()
         for (index, backend) in backends.enumerated() {
             state.append(
-                backend, number: state.takeNumber(), connections: configuration.backends[index].connections,
+                backend, number: numbers[index], connections: configuration.backends[index].connections,
                 workerIDs: owners.indices.filter { owners[$0] == index }, passive: passive)
         }
         for (worker, owner) in owners.enumerated() {
