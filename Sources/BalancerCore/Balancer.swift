@@ -318,7 +318,8 @@ public actor Balancer {
             // backlog here means no worker has room.
             if let position = choose(among: eligible) {
                 dispatch(request, toWorkerAt: position)
-            } else if let patience = request.patience, stage == .running {
+            } else if let patience = request.patience, stage == .running, activeIDs.contains(where: eligible) {
+                // It waits only for a worker that can take it: an active eligible one.
                 request.phase = .backlog
                 request.deadline = ContinuousClock.now + patience
                 waiting.append(request)
@@ -936,7 +937,23 @@ public actor Balancer {
         activeIDs.removeAll { $0 == id }
         if roundRobinNext >= activeIDs.count { roundRobinNext = 0 }
         slots[id]!.state = state
+        if !waiting.isEmpty { endHopelessWaiting() }
         return true
+    }
+
+    /// Ends `busy` each waiting restricted request that no active worker can
+    /// take any more (the last eligible one went down, drained or left):
+    /// waiting out its patience would only delay its requester's next step.
+    private func endHopelessWaiting() {
+        var index = waiting.startIndex
+        while index < waiting.endIndex {
+            let eligible = waiting[index].eligible.unsafelyUnwrapped
+            if activeIDs.contains(where: eligible) {
+                index += 1
+            } else {
+                finish(waiting.remove(at: index), with: .busy)
+            }
+        }
     }
 
     /// A worker out of rotation with nothing pending leaves the pool; its task ends.

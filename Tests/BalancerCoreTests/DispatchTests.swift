@@ -186,7 +186,8 @@ struct DispatchTests {
 
     @Test("every strategy answers every request and keeps counts exact", arguments: Strategy.allCases)
     func everyStrategyAnswersEveryRequest(strategy: Strategy) async throws {
-        let balancer = Balancer(configuration: .init(workers: 4, capacity: 2, backlog: 64, strategy: strategy))
+        let balancer = Balancer(
+            configuration: .init(workers: 4, capacity: 2, backlog: 64, queueTimeout: .seconds(120), strategy: strategy))
         try await withRunning(balancer) { balancer in
             try await withThrowingTaskGroup(of: Void.self) { group in
                 for requester in 0..<16 {

@@ -198,7 +198,8 @@ struct LifecycleTests {
 
     @Test("past the grace period, what remains ends with shuttingDown and running work is cancelled")
     func gracePeriodEndsTheRest() async throws {
-        let balancer = Balancer(configuration: .init(workers: 1, capacity: 2, backlog: 4))
+        // The queue timeout is far beyond the test, so only the shutdown can end what waits.
+        let balancer = Balancer(configuration: .init(workers: 1, capacity: 2, backlog: 4, queueTimeout: .seconds(120)))
         let seen = Recorder()
         let results = await withTaskGroup(of: Result<Int, BalancerError>?.self) { group in
             group.addTask {

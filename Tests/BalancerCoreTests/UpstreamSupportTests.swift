@@ -371,6 +371,56 @@ struct UpstreamSupportTests {
         }
     }
 
+    @Test("a restricted request waits only while an eligible worker is active: none at once, or the last going down, ends it busy")
+    func restrictedRequestWaitsOnlyForAnActiveEligibleWorker() async throws {
+        let balancer = Balancer(configuration: .init(workers: 2, capacity: 1, backlog: 4))
+        let held = HeldOperations()
+        let ran = Recorder()
+        try await withRunning(balancer) { balancer in
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                group.addTask { _ = try await balancer.submitWithReceipt(held.operation()) }
+                await eventually(balancer) { $0.inFlight == 1 }
+                @Sendable func onWorker1(_ name: String) async throws {
+                    _ = try await balancer.submitOnWorker(ifRoomAmong: { $0 == 1 }, waitingAtMost: .seconds(60)) { worker in
+                        ran.record("\(name) ran on \(worker)")
+                        try await held.operation()()
+                        return worker
+                    }
+                }
+                // Worker 1 is down: nothing it waits for can come, so it ends at once, not after 60 s.
+                #expect(await balancer.markDown(1))
+                let start = ContinuousClock.now
+                await #expect(throws: BalancerError.busy) { try await onWorker1("early") }
+                #expect(ContinuousClock.now - start < .seconds(30))
+                var stats = await balancer.stats()
+                #expect(stats.busy == 1 && stats.inFlight == 1)
+                checkAccounting(stats)
+
+                // Worker 1 is up but busy: the next one waits; when worker 1 goes down, it ends.
+                #expect(await balancer.markUp(1))
+                group.addTask { _ = try await balancer.submitWithReceipt(held.operation()) }
+                await eventually(balancer) { $0.inFlight == 2 && held.runningCount == 2 }
+                group.addTask {
+                    await #expect(throws: BalancerError.busy) { try await onWorker1("waiting") }
+                }
+                stats = await eventually(balancer) { $0.inFlight == 3 }
+                #expect(stats.busy == 1, "it waits")
+                #expect(await balancer.markDown(1))
+                stats = await eventually(balancer) { $0.busy == 2 }
+                #expect(stats.inFlight == 2)
+                checkAccounting(stats)
+                held.releaseAll()
+                try await group.waitForAll()
+            }
+            #expect(ran.all.isEmpty, "no restricted request ever ran")
+            let stats = await eventually(balancer) { $0.inFlight == 0 }
+            #expect(stats.completed == 2 && stats.busy == 2)
+            #expect(stats.workers.map(\.pending) == [0, 0])
+            checkAccounting(stats)
+            #expect(await balancer.poolIsValid())
+        }
+    }
+
     @Test("a waiting restricted request ends busy when its patience runs out or a shutdown begins, and cancelled when its caller is")
     func waitingRestrictedRequestEnds() async throws {
         let balancer = Balancer(configuration: .init(workers: 1, capacity: 1, backlog: 4))
