@@ -33,7 +33,8 @@ import Synchronization
 /// no other copy has answered (at most the pool's response timeout, the
 /// longest the first copy may wait for its head). Under a closed loop, where
 /// every worker is nearly always busy, that is what lets a copy run at all:
-/// it takes the next worker a fast backend frees.
+/// it takes the next worker a fast backend frees. With no other backend at
+/// all (a pool of one) no copy goes.
 ///
 /// The first copy whose response head arrives wins the client and streams its
 /// response; a 5xx head wins too (it is an answer, and bodies are not

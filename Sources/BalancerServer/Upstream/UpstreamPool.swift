@@ -44,7 +44,7 @@ public final class UpstreamPool: Service, Sendable {
     let hedgeTimer: HedgeTimer?
     /// The percentile of response times that sets the hedge delay, when one does.
     let hedgeLatency: QuantileEstimate?
-    let eventLoopGroup: any EventLoopGroup
+    private let eventLoopGroup: any EventLoopGroup
     /// Where backends leaving and joining the rotation are logged (with why).
     private let logger: Logger
     private let upstreamConfiguration: UpstreamConfiguration
