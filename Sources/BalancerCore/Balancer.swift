@@ -229,11 +229,13 @@ public actor Balancer {
         return try await withTaskCancellationHandler {
             try await withUnsafeThrowingContinuation { continuation in
                 setReply(continuation)
-                let cancelledBefore = cancellation.map { !$0.attach(request, to: inbox) } ?? false
+                // Cancelled before it was submitted: the cancellation goes first, as a
+                // task's does, so the balance loop sees it no later than the request.
+                if let cancellation, !cancellation.attach(request, to: inbox) {
+                    inbox.cancel(request)
+                }
                 if !inbox.submit(request) {
                     request.fail(.shuttingDown)
-                } else if cancelledBefore {
-                    inbox.cancel(request)
                 }
             }
         } onCancel: {
