@@ -383,7 +383,7 @@ struct UpstreamSupportTests {
                 @Sendable func onWorker1(_ name: String) async throws {
                     _ = try await balancer.submitOnWorker(ifRoomAmong: { $0 == 1 }, waitingAtMost: .seconds(60)) { worker in
                         ran.record("\(name) ran on \(worker)")
-                        try await held.operation()()
+                        _ = try await held.operation()()
                         return worker
                     }
                 }
