@@ -720,9 +720,12 @@ public actor Balancer {
 
     private func control(_ event: Inbox.Control) {
         switch event {
-        case .expire:
-            expiryTimer = nil
-            expiryDeadline = nil
+        case .expire(let deadline):
+            // A timer replaced just as it fired reports too: only the armed one's report disarms.
+            if deadline == expiryDeadline {
+                expiryTimer = nil
+                expiryDeadline = nil
+            }
             let now = ContinuousClock.now
             while let head = backlog.first, let deadline = head.deadline, deadline <= now {
                 backlog.removeFirst()
@@ -803,7 +806,7 @@ public actor Balancer {
         let inbox = self.inbox
         expiryTimer = Task.detached(priority: priority) {
             try? await Task.sleep(until: deadline, clock: .continuous)
-            if !Task.isCancelled { inbox.control(.expire) }
+            if !Task.isCancelled { inbox.control(.expire(deadline)) }
         }
     }
 

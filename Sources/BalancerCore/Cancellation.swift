@@ -27,11 +27,20 @@ public final class Cancellation: Sendable {
     }
 
     /// Ties the handle to `request`; false if it was cancelled before.
+    ///
+    /// - Precondition: the handle has not served another request: a second
+    ///   one would be silently cancelled with the first.
     func attach(_ request: AnyRequest, to inbox: Inbox) -> Bool {
         state.withLock { state in
-            guard case .idle = state else { return false }
-            state = .submitted(request, inbox)
-            return true
+            switch state {
+            case .idle:
+                state = .submitted(request, inbox)
+                return true
+            case .cancelled:
+                return false
+            case .submitted:
+                preconditionFailure("a Cancellation serves one request")
+            }
         }
     }
 }

@@ -37,8 +37,9 @@ final class Inbox: Sendable {
     }
 
     enum Control {
-        /// The backlog's oldest request may have passed its deadline.
-        case expire
+        /// The backlog's oldest request (or a waiting restricted one) may have
+        /// passed its deadline: the expiry timer armed for this instant fired.
+        case expire(ContinuousClock.Instant)
         /// Stop admitting work; finish what is admitted; stop by the deadline if given.
         case shutdown(deadline: ContinuousClock.Instant?)
         /// The shutdown deadline passed: answer everything still open.
