@@ -30,8 +30,9 @@ import Synchronization
 /// (``Balancer/submitOnWorker(ifRoomAmong:waitingAtMost:_:)``). When there is
 /// none it never waits in the backlog: it waits beside it, for the first such
 /// worker to free up, ahead of the requests in the backlog, and only while
-/// no other copy has answered (at most the pool's response timeout, the
-/// longest the first copy may wait for its head). Under a closed loop, where
+/// no other copy has answered and one on a worker still may (at most what is
+/// left of the pool's response timeout since the first copy started: the
+/// longest that one may wait for its head). Under a closed loop, where
 /// every worker is nearly always busy, that is what lets a copy run at all:
 /// it takes the next worker a fast backend frees. With no other backend at
 /// all (a pool of one) no copy goes.
@@ -310,6 +311,10 @@ final class HedgeRace: Sendable {
         var live: [(id: Int, stopper: Stopper)] = []
         /// Launched copies not yet on a worker.
         var unstarted: [Int] = []
+        /// Unstarted copies stopped by ``withdrawWaiting()``: they must not start.
+        var withdrawn: [Int] = []
+        /// When the first copy started on its worker: the response timeout runs from then.
+        var firstStart: ContinuousClock.Instant?
         /// Ids of the copies that started, in order: a copy's rank is its place here.
         var startedIDs: [Int] = []
         /// Their workers, in the same order.
@@ -385,7 +390,8 @@ final class HedgeRace: Sendable {
     func started(_ id: Int, worker: Int, spare: Bool) -> Bool {
         let (go, more): (Bool, Bool) = state.withLock { state in
             state.unstarted.removeAll { $0 == id }
-            guard !state.closed, state.winner == nil else { return (false, false) }
+            guard !state.closed, state.winner == nil, !state.withdrawn.contains(id) else { return (false, false) }
+            if state.startedIDs.isEmpty { state.firstStart = .now }
             state.startedIDs.append(id)
             state.workers.append(worker)
             if spare { state.hedgesStarted += 1 }
@@ -413,6 +419,27 @@ final class HedgeRace: Sendable {
     /// No more timed copies for this request: the budget refused one, or no
     /// other backend could take one.
     func stopTimed() { state.withLock { $0.timedDone = true } }
+
+    /// When the first copy started on its worker (set before any copy on spare capacity launches).
+    var firstStart: ContinuousClock.Instant? { state.withLock { $0.firstStart } }
+
+    /// When no copy has won and every live copy is still waiting for a
+    /// worker, stops them all (they will not start): nothing is left that
+    /// could answer, so the request's task need not wait for their patience
+    /// to run out before it retries or answers. Their ends are still
+    /// reported, as `cancelled` or ``Lost``.
+    func withdrawWaiting() {
+        let stopped: [Stopper]? = state.withLock { state in
+            guard state.winner == nil, state.live.allSatisfy({ copy in state.unstarted.contains(copy.id) }) else {
+                return nil
+            }
+            let fresh = state.live.filter { copy in !state.withdrawn.contains(copy.id) }
+            guard !fresh.isEmpty else { return nil }
+            state.withdrawn.append(contentsOf: fresh.map(\.id))
+            return fresh.map(\.stopper)
+        }
+        for copy in stopped ?? [] { copy.stop() }
+    }
 
     /// A copy on spare capacity found no worker in time: the next one is due `after` from now.
     func restartDelay() { state.withLock { $0.since = .now } }
@@ -612,8 +639,11 @@ extension UpstreamPool {
                     break
                 }
                 var decided: Outcome?
-                if let error = end.error, race.winner == nil, !(end.spare && error is BalancerError) {
-                    // (A spare copy the balancer refused found no room in time: the others go on.)
+                if let error = end.error, race.winner == nil,
+                    !(end.spare && (error is BalancerError || error is HedgeRace.Lost))
+                {
+                    // (A spare copy the balancer refused found no room in time, or was
+                    // withdrawn while it waited: the others go on.)
                     switch error {
                     case let error as UpstreamError where error.kind == .clientAborted:
                         decided = .abort
@@ -627,6 +657,9 @@ extension UpstreamPool {
                         decided = .failed(APIError(error))
                     }
                 }
+                // Copies still waiting for a worker would hold up the retry or
+                // the error answer for their whole patience: stop them.
+                if decided == nil && race.winner == nil && race.inFlight > 0 { race.withdrawWaiting() }
                 if decided == nil && race.winner == nil && race.inFlight == 0 {
                     // Every copy failed before a response head: the pool's retry rules.
                     if let lastError, retriesLeft > 0, lastError.isRetryable(method: head.method, bodyReplayable: true) {
@@ -700,7 +733,9 @@ extension UpstreamPool {
             race.stopTimed()
             return
         }
-        let patience = Duration.milliseconds(configuration.responseTimeoutMilliseconds)
+        // It waits no longer than the first copy may wait for its head.
+        let timeout = Duration.milliseconds(configuration.responseTimeoutMilliseconds)
+        let patience = max(timeout - (ContinuousClock.now - (race.firstStart ?? .now)), .zero)
         let launched = race.launchSpare { id in
             let operation = copyOperation(race, id, spare: true, head, body: body, forwarding: forwarding, to: writer)
             return Task {

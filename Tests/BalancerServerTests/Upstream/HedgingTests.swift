@@ -92,6 +92,40 @@ struct HedgingTests {
         }
     }
 
+    @Test("a copy still waiting for a worker does not hold up the answer when the first copy fails")
+    func waitingCopyDoesNotHoldUpTheAnswer() async throws {
+        let busy = try await UpstreamTestBackend.start()
+        let failing = try await UpstreamTestBackend.start()
+        defer { Task { await busy.stop(); await failing.stop() } }
+        try await withProxy([busy.port, failing.port], {
+            $0.connectionsPerUpstream = 1
+            $0.upstreamHedgeAfterMilliseconds = 50
+            $0.upstreamRetries = 0
+            $0.upstreamResponseTimeoutMilliseconds = 10_000
+        }) { server, pool in
+            // A POST (never copied) holds the busy backend's only worker until released.
+            let held = Task { try await request(server.url("/pause"), method: "POST", body: "{}") }
+            #expect(try await eventually { busy.requestsReceived == 1 })
+            let start = ContinuousClock.now
+            let failed = Task { try await request(server.url("/reset?after_ms=1000")) }
+            // The held POST, the first copy, and its copy waiting for the busy backend.
+            #expect(try await eventually { await pool.balancer.stats().inFlight == 3 })
+            let answer = try await failed.value
+            let elapsed = ContinuousClock.now - start
+            #expect(answer.status == 502, "\(answer.text)")
+            #expect(elapsed < .seconds(5), "answered after \(elapsed), not after the copy's patience (10 s)")
+            let figures = try await HedgeFigures.read(server)
+            #expect(figures.copies == 0 && figures.skipped == 0, "the copy was withdrawn, not refused: \(figures)")
+            #expect(await pool.balancer.stats().inFlight == 1, "only the held POST is left")
+
+            busy.releasePauses()
+            #expect(try await held.value.status == 200)
+            let settled = try await settled(server)
+            #expect(settled.pending.allSatisfy { $0 == 0 }, "\(settled)")
+            #expect(busy.requestsReceived == 1 && failing.requestsReceived == 1, "the copy never reached a backend")
+        }
+    }
+
     @Test("a copy that fails fast does not win while another copy may still answer")
     func fastFailureDoesNotWin() async throws {
         // A backend that answers garbage at once (a closed port could be taken by

@@ -20,6 +20,7 @@ import Synchronization
 /// - `/sink[?slow=1]`: reads the body (``bytesReceivedBySink`` counts it) and answers `x-received-bytes`.
 /// - `/hang`: reads the request and never answers.
 /// - `/hang-body`: sends a head announcing 100 bytes, 10 of them, then nothing.
+/// - `/reset?after_ms=N`: reads the request, waits `N` ms and closes without answering.
 /// - `/truncate`: sends a head announcing 1 000 000 bytes, 1000 of them, then closes.
 /// - `/close`: answers with `Connection: close` and closes.
 /// - `/hop`: answers with hop-by-hop headers that must not reach the client.
@@ -330,6 +331,10 @@ final class UpstreamTestBackend: Sendable {
             try await outbound.write(.head(HTTPResponseHead(version: .http1_1, status: .ok, headers: headers)))
             try await outbound.write(.body(.byteBuffer(ByteBuffer(repeating: 0x61, count: 10))))
             while try await requests.next() != nil {}
+            return false
+        case "/reset":
+            try await Self.drain(&requests)
+            try await Task.sleep(for: .milliseconds(Int(query["after_ms"] ?? "0") ?? 0))
             return false
         case "/truncate":
             try await Self.drain(&requests)
