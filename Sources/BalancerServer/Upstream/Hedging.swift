@@ -545,6 +545,30 @@ struct HedgeCopyWriter<Client: ClientResponseWriting>: ClientResponseWriting {
     func flush() async throws { try await client.flush() }
 }
 
+/// The client as a pool with `after_percentile` sees it: the time from the
+/// request's start to the response head that goes to the client is one
+/// sample of the pool's response times. One per request: a hedged request's
+/// losers never write a head, and its winner's sample counts from the
+/// request's start, not from its own.
+struct HeadTimingWriter<Client: ClientResponseWriting>: ClientResponseWriting {
+    let estimate: QuantileEstimate
+    let start: ContinuousClock.Instant
+    let client: Client
+
+    var headWritten: Bool { client.headWritten }
+
+    func writeHead(_ head: HTTPResponseHead) async throws {
+        estimate.record(.now - start)
+        try await client.writeHead(head)
+    }
+
+    func writeBody(_ buffer: ByteBuffer) async throws { try await client.writeBody(buffer) }
+
+    func end(trailers: HTTPHeaders?) async throws { try await client.end(trailers: trailers) }
+
+    func flush() async throws { try await client.flush() }
+}
+
 /// Starts the timed copies of a pool's hedged requests: one task that wakes
 /// every quarter of the delay (at least every millisecond) while any request
 /// is watched, and launches a copy for each that is due. A request pays a

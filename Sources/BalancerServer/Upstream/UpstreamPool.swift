@@ -248,6 +248,21 @@ public final class UpstreamPool: Service, Sendable {
         forwarding: ForwardedFor,
         to writer: some ClientResponseWriting
     ) async -> Outcome where Body.Element == ByteBuffer {
+        guard let hedgeLatency else {
+            return await send(head, body: body, replayable: replayable, forwarding: forwarding, to: writer)
+        }
+        let timed = HeadTimingWriter(estimate: hedgeLatency, start: .now, client: writer)
+        return await send(head, body: body, replayable: replayable, forwarding: forwarding, to: timed)
+    }
+
+    /// ``proxy(_:body:replayable:forwarding:to:)`` as the hedging policy plans it.
+    private func send<Body: AsyncSequence & Sendable>(
+        _ head: HTTPRequestHead,
+        body: Body,
+        replayable: Bool,
+        forwarding: ForwardedFor,
+        to writer: some ClientResponseWriting
+    ) async -> Outcome where Body.Element == ByteBuffer {
         var planned = head
         switch hedging.plan(for: &planned, replayable: replayable) {
         case .single: break
@@ -325,10 +340,8 @@ public final class UpstreamPool: Service, Sendable {
         guard let connection = state.withLock({ $0.workers[worker]?.connection }) else {
             throw UpstreamError(.closedBeforeRequestSent, backend: name, detail: "worker \(worker) has no connection")
         }
-        let start = hedgeLatency == nil ? nil : ContinuousClock.now
         do {
             let result = try await connection.forward(head, body: body, forwarding: forwarding, to: writer)
-            if let start { hedgeLatency?.record(.now - start) }
             state.withLock { state in
                 state.workers[worker]?.stats.record(result)
                 if let index = state.index(of: connection.backend.name) { state.backends[index].passive.recordSuccess() }

@@ -414,6 +414,39 @@ struct HedgingTests {
         }
     }
 
+    @Test("after_percentile samples each request once, from its start to the head that reaches the client")
+    func percentileSamplesTimeToHead() async throws {
+        let slow = try await UpstreamTestBackend.start(responseDelay: .seconds(10))
+        let fast = try await UpstreamTestBackend.start()
+        defer { Task { await slow.stop(); await fast.stop() } }
+        try await withProxy([slow.port, fast.port], {
+            $0.upstreamHedgeAfterMilliseconds = 300
+            $0.upstreamHedgeAfterPercentile = 50
+        }) { server, pool in
+            let estimate = try #require(pool.hedgeLatency)
+            // The first copy waits on the slow backend; the copy sent after 300 ms wins
+            // at once. The sample is the request's 300 ms and more, not the winning
+            // copy's own few milliseconds (nor the cancelled loser's).
+            let answer = try await request(server.url("/delayed"))
+            #expect(answer.text == "port \(fast.port)")
+            let hedged = try #require(estimate.estimate)
+            #expect(hedged >= .milliseconds(300), "sample \(hedged)")
+            #expect(try await settled(server).wins == [0, 1])
+
+            // A head at once and a body held until released: the sample is taken at the head.
+            let paused = try await withThrowingTaskGroup(of: HTTPResult.self) { group in
+                group.addTask { try await request(server.url("/pause"), method: "POST", body: "{}") }
+                #expect(try await eventually { estimate.estimate != hedged }, "sampled while the body is held")
+                slow.releasePauses()
+                fast.releasePauses()
+                return try #require(try await group.next())
+            }
+            #expect(paused.text == "first;second;")
+            let headed = try #require(estimate.estimate)
+            #expect(headed < hedged, "a sample below the estimate lowers it: \(headed) after \(hedged)")
+        }
+    }
+
     @Test("which requests are copied, and how the header is read", arguments: [
         (HTTPMethod.GET, true, nil, HedgePolicy.Plan.hedged(atOnce: 1, after: .milliseconds(10), maxCopies: 3)),
         (.HEAD, true, nil, .hedged(atOnce: 1, after: .milliseconds(10), maxCopies: 3)),
