@@ -570,28 +570,31 @@ struct HeadTimingWriter<Client: ClientResponseWriting>: ClientResponseWriting {
 }
 
 /// Starts the timed copies of a pool's hedged requests: one task that wakes
-/// every quarter of the delay (at least every millisecond) while any request
-/// is watched, and launches a copy for each that is due. A request pays a
-/// locked insert and remove for it, not a timer of its own; a copy goes
-/// between the delay and the delay plus a tick after the one before it started.
+/// every quarter of the shortest delay among the watched requests (at least
+/// every millisecond) while any request is watched, and launches a copy for
+/// each that is due. A request pays a locked insert and remove for it, not a
+/// timer of its own; a copy goes between its request's delay and 1.25 times
+/// that after the one before it started.
 final class HedgeTimer: Sendable {
     private struct State {
         /// Watched requests, with when they began to be.
         var races: [ObjectIdentifier: (race: HedgeRace, since: ContinuousClock.Instant)] = [:]
         var running = false
+        /// The next sleep: a quarter of the shortest delay watched at the last tick (or watch).
+        var tick = Duration.milliseconds(1)
     }
 
     private let state = Mutex(State())
-    /// The delay now, which sets the tick.
-    private let delay: @Sendable () -> Duration?
-
-    init(delay: @escaping @Sendable () -> Duration?) { self.delay = delay }
 
     func watch(_ race: HedgeRace) {
         let now = ContinuousClock.now
         let start = state.withLock { state in
             state.races[ObjectIdentifier(race)] = (race, now)
             defer { state.running = true }
+            if let after = race.after {
+                let tick = Self.tick(after)
+                state.tick = state.running ? min(state.tick, tick) : tick
+            }
             return !state.running
         }
         if start { Task.detached { await self.run() } }
@@ -601,10 +604,13 @@ final class HedgeTimer: Sendable {
         _ = state.withLock { $0.races.removeValue(forKey: ObjectIdentifier(race)) }
     }
 
+    /// How long the timer sleeps while a request with delay `after` is watched.
+    static func tick(_ after: Duration) -> Duration { max(after / 4, .milliseconds(1)) }
+
     /// Ticks until no request is watched.
     private func run() async {
         while true {
-            try? await Task.sleep(for: max((delay() ?? .milliseconds(4)) / 4, .milliseconds(1)))
+            try? await Task.sleep(for: state.withLock { $0.tick })
             let now = ContinuousClock.now
             // Only a request watched for a whole delay can be due: the others
             // are passed over without their locks (most end well before).
@@ -614,9 +620,13 @@ final class HedgeTimer: Sendable {
                     return nil
                 }
                 var candidates: [HedgeRace] = []
+                var shortest: Duration?
                 for (race, since) in state.races.values {
-                    if let after = race.after, since + after <= now { candidates.append(race) }
+                    guard let after = race.after else { continue }
+                    if since + after <= now { candidates.append(race) }
+                    shortest = min(shortest ?? after, after)
                 }
+                state.tick = Self.tick(shortest ?? .milliseconds(4))
                 return candidates
             }
             guard let candidates else { return }

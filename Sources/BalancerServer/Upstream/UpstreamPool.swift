@@ -199,7 +199,7 @@ public final class UpstreamPool: Service, Sendable {
         let hedging = self.hedging
         let latency = hedging.afterPercentile > 0 ? QuantileEstimate(quantile: Double(hedging.afterPercentile) / 100) : nil
         self.hedgeLatency = latency
-        self.hedgeTimer = hedging.timed ? HedgeTimer { hedging.delay(estimate: latency?.estimate) } : nil
+        self.hedgeTimer = hedging.timed ? HedgeTimer() : nil
 
         let passive = PassiveHealth(maxFailures: configuration.maxFails, coolDown: .milliseconds(configuration.failTimeoutMilliseconds))
         for (index, backend) in backends.enumerated() {
