@@ -244,10 +244,16 @@ final class HedgeBudget: Sendable {
     init(percent: Int) { self.percent = percent }
 
     /// A request that could be hedged arrived.
-    func deposit() {
+    func deposit() { add(percent) }
+
+    /// Gives back a copy's worth that was not used.
+    func refund() { add(100) }
+
+    /// Adds `amount` hundredths of a copy, up to the burst.
+    private func add(_ amount: Int) {
         var current = tokens.load(ordering: .relaxed)
         while current < Self.burst * 100 {
-            let next = min(current + percent, Self.burst * 100)
+            let next = min(current + amount, Self.burst * 100)
             let (exchanged, original) = tokens.compareExchange(expected: current, desired: next, ordering: .relaxed)
             if exchanged { return }
             current = original
@@ -264,9 +270,6 @@ final class HedgeBudget: Sendable {
         }
         return false
     }
-
-    /// Gives back a copy's worth that was not used.
-    func refund() { tokens.add(100, ordering: .relaxed) }
 }
 
 /// One hedged request's copies: who won, which workers they run on, how to

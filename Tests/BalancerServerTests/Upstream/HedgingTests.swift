@@ -343,8 +343,9 @@ struct HedgingTests {
         budget.refund()
         #expect(budget.withdraw(), "a copy that found no room is given back")
         for _ in 0..<1_000 { budget.deposit() }
+        budget.refund()
         for _ in 0..<HedgeBudget.burst { #expect(budget.withdraw()) }
-        #expect(!budget.withdraw(), "deposits stop at the burst")
+        #expect(!budget.withdraw(), "deposits and refunds stop at the burst")
     }
 
     @Test("the quantile estimate settles at the percentile of its samples and follows a change")
