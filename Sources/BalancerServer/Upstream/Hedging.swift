@@ -84,8 +84,9 @@ public struct HedgePolicy: Sendable, Hashable {
     enum Plan: Equatable {
         /// One copy, with the pool's retries.
         case single
-        /// `atOnce` copies at once, then timed ones after `after` up to `maxCopies`.
-        case hedged(atOnce: Int, after: Duration?, maxCopies: Int)
+        /// `atOnce` copies at once, then (when `timed`) one more after each
+        /// delay (``delay(estimate:)``) without a head, up to `maxCopies`.
+        case hedged(atOnce: Int, timed: Bool, maxCopies: Int)
         /// The request asked for something the configuration does not allow.
         case refused(APIError)
     }
@@ -103,8 +104,8 @@ public struct HedgePolicy: Sendable, Hashable {
             asked = min(count, maxReplicas)
         }
         guard replayable && head.method.isIdempotent else { return .single }
-        if asked > 1 { return .hedged(atOnce: asked, after: nil, maxCopies: asked) }
-        if timed, maxCopies > 1 { return .hedged(atOnce: 1, after: after ?? .zero, maxCopies: maxCopies) }
+        if asked > 1 { return .hedged(atOnce: asked, timed: false, maxCopies: asked) }
+        if timed, maxCopies > 1 { return .hedged(atOnce: 1, timed: true, maxCopies: maxCopies) }
         return .single
     }
 }
@@ -649,13 +650,13 @@ extension UpstreamPool {
         _ head: HTTPRequestHead,
         body: Body,
         atOnce: Int,
-        after: Duration?,
+        timed: Bool,
         maxCopies: Int,
         forwarding: ForwardedFor,
         to writer: some ClientResponseWriting
     ) async -> Outcome where Body.Element == ByteBuffer {
         hedgeBudget.deposit()
-        let delay = after == nil ? nil : hedging.delay(estimate: hedgeLatency?.estimate)
+        let delay = timed ? hedging.delay(estimate: hedgeLatency?.estimate) : nil
         let race = HedgeRace(atOnce: atOnce, after: delay, maxCopies: maxCopies) { race in
             self.spawnCopy(of: race, head, body: body, forwarding: forwarding, to: writer)
         }

@@ -266,9 +266,9 @@ public final class UpstreamPool: Service, Sendable {
         var planned = head
         switch hedging.plan(for: &planned, replayable: replayable) {
         case .single: break
-        case .hedged(let atOnce, let after, let maxCopies):
+        case .hedged(let atOnce, let timed, let maxCopies):
             return await hedge(
-                planned, body: body, atOnce: atOnce, after: after, maxCopies: maxCopies, forwarding: forwarding,
+                planned, body: body, atOnce: atOnce, timed: timed, maxCopies: maxCopies, forwarding: forwarding,
                 to: writer)
         case .refused(let error): return .failed(error)
         }

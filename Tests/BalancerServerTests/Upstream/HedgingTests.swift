@@ -372,7 +372,7 @@ struct HedgingTests {
     func percentileDelay() async throws {
         let policy = HedgePolicy(after: nil, maxCopies: 2, maxReplicas: 2, afterPercentile: 95)
         var head = HTTPRequestHead(version: .http1_1, method: .GET, uri: "/")
-        #expect(policy.plan(for: &head, replayable: true) == .hedged(atOnce: 1, after: .zero, maxCopies: 2))
+        #expect(policy.plan(for: &head, replayable: true) == .hedged(atOnce: 1, timed: true, maxCopies: 2))
         #expect(policy.delay(estimate: nil) == nil, "no timed copy before the pool has answered")
         #expect(policy.delay(estimate: .milliseconds(30)) == .milliseconds(30))
         var floored = policy
@@ -449,13 +449,13 @@ struct HedgingTests {
     }
 
     @Test("which requests are copied, and how the header is read", arguments: [
-        (HTTPMethod.GET, true, nil, HedgePolicy.Plan.hedged(atOnce: 1, after: .milliseconds(10), maxCopies: 3)),
-        (.HEAD, true, nil, .hedged(atOnce: 1, after: .milliseconds(10), maxCopies: 3)),
-        (.OPTIONS, true, nil, .hedged(atOnce: 1, after: .milliseconds(10), maxCopies: 3)),
-        (.PUT, true, nil, .hedged(atOnce: 1, after: .milliseconds(10), maxCopies: 3)),
-        (.DELETE, true, "2", .hedged(atOnce: 2, after: nil, maxCopies: 2)),
-        (.GET, true, "9", .hedged(atOnce: 4, after: nil, maxCopies: 4)),
-        (.GET, true, "1", .hedged(atOnce: 1, after: .milliseconds(10), maxCopies: 3)),
+        (HTTPMethod.GET, true, nil, HedgePolicy.Plan.hedged(atOnce: 1, timed: true, maxCopies: 3)),
+        (.HEAD, true, nil, .hedged(atOnce: 1, timed: true, maxCopies: 3)),
+        (.OPTIONS, true, nil, .hedged(atOnce: 1, timed: true, maxCopies: 3)),
+        (.PUT, true, nil, .hedged(atOnce: 1, timed: true, maxCopies: 3)),
+        (.DELETE, true, "2", .hedged(atOnce: 2, timed: false, maxCopies: 2)),
+        (.GET, true, "9", .hedged(atOnce: 4, timed: false, maxCopies: 4)),
+        (.GET, true, "1", .hedged(atOnce: 1, timed: true, maxCopies: 3)),
         (.GET, false, "2", .single),
         (.POST, true, nil, .single),
         (.POST, true, "2", .single),
