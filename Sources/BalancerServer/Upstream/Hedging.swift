@@ -31,8 +31,8 @@ import Synchronization
 /// none it never waits in the backlog: it waits beside it, for the first such
 /// worker to free up, ahead of the requests in the backlog, and only while
 /// no other copy has answered and one on a worker still may (at most what is
-/// left of the pool's response timeout since the first copy started: the
-/// longest that one may wait for its head). Under a closed loop, where
+/// left of the pool's response timeout since the request's own copy, the
+/// first or a retry, started: the longest that one may wait for its head). Under a closed loop, where
 /// every worker is nearly always busy, that is what lets a copy run at all:
 /// it takes the next worker a fast backend frees. With no other backend at
 /// all (a pool of one) no copy goes.
@@ -317,8 +317,9 @@ final class HedgeRace: Sendable {
         var unstarted: [Int] = []
         /// Unstarted copies stopped by ``withdrawWaiting()``: they must not start.
         var withdrawn: [Int] = []
-        /// When the first copy started on its worker: the response timeout runs from then.
-        var firstStart: ContinuousClock.Instant?
+        /// When the latest copy run by the request's task (the first, or a
+        /// retry) started on its worker: its response timeout runs from then.
+        var tryStart: ContinuousClock.Instant?
         /// Ids of the copies that started, in order: a copy's rank is its place here.
         var startedIDs: [Int] = []
         /// Their workers, in the same order.
@@ -395,7 +396,7 @@ final class HedgeRace: Sendable {
         let (go, more): (Bool, Bool) = state.withLock { state in
             state.unstarted.removeAll { $0 == id }
             guard !state.closed, state.winner == nil, !state.withdrawn.contains(id) else { return (false, false) }
-            if state.startedIDs.isEmpty { state.firstStart = .now }
+            if !spare { state.tryStart = .now }
             state.startedIDs.append(id)
             state.workers.append(worker)
             if spare { state.hedgesStarted += 1 }
@@ -424,8 +425,9 @@ final class HedgeRace: Sendable {
     /// other backend could take one.
     func stopTimed() { state.withLock { $0.timedDone = true } }
 
-    /// When the first copy started on its worker (set before any copy on spare capacity launches).
-    var firstStart: ContinuousClock.Instant? { state.withLock { $0.firstStart } }
+    /// When the latest copy run by the request's task started on its worker
+    /// (set before any copy on spare capacity launches).
+    var tryStart: ContinuousClock.Instant? { state.withLock { $0.tryStart } }
 
     /// When no copy has won and every live copy is still waiting for a
     /// worker, stops them all (they will not start): nothing is left that
@@ -771,9 +773,9 @@ extension UpstreamPool {
             race.stopTimed()
             return
         }
-        // It waits no longer than the first copy may wait for its head.
+        // It waits no longer than the request's own copy may wait for its head.
         let timeout = Duration.milliseconds(configuration.responseTimeoutMilliseconds)
-        let patience = max(timeout - (ContinuousClock.now - (race.firstStart ?? .now)), .zero)
+        let patience = max(timeout - (ContinuousClock.now - (race.tryStart ?? .now)), .zero)
         let launched = race.launchSpare { id in
             let operation = copyOperation(race, id, spare: true, head, body: body, forwarding: forwarding, to: writer)
             return Task {
