@@ -126,6 +126,88 @@ struct HedgingTests {
         }
     }
 
+    @Test("a copy waits for a worker on another backend, runs when one frees up, and wins")
+    func waitingCopyRunsAndWins() async throws {
+        let fast = try await UpstreamTestBackend.start()
+        let slow = try await UpstreamTestBackend.start(responseDelay: .seconds(10))
+        defer { Task { await fast.stop(); await slow.stop() } }
+        try await withProxy([fast.port, slow.port], {
+            $0.connectionsPerUpstream = 1
+            $0.upstreamHedgeAfterMilliseconds = 100
+        }) { server, pool in
+            // A POST (never copied) holds the fast backend's only worker until released.
+            let held = Task { try await request(server.url("/pause"), method: "POST", body: "{}") }
+            #expect(try await eventually { fast.requestsReceived == 1 })
+            let hedged = Task { try await request(server.url("/delayed")) }
+            // The held POST, the first copy on the slow backend, and its copy waiting.
+            #expect(try await eventually { await pool.balancer.stats().inFlight == 3 })
+            #expect(fast.requestsReceived == 1, "the copy waits: it is not sent anywhere else")
+            fast.releasePauses()
+            let answer = try await hedged.value
+            #expect(answer.text == "port \(fast.port)", "the copy took the freed worker and won")
+            #expect(try await held.value.status == 200)
+            let figures = try await settled(server)
+            #expect(figures.pending.allSatisfy { $0 == 0 }, "\(figures)")
+            #expect(figures.copies == 1 && figures.wins == [0, 1] && figures.losers == 1, "\(figures)")
+            #expect(figures.skipped == 0, "\(figures)")
+            #expect(try await eventually { slow.disconnectsWhileDelayed == 1 }, "the slow copy was cancelled")
+        }
+    }
+
+    @Test("a copy still waiting for a worker is withdrawn when the first copy answers")
+    func waitingCopyWithdrawnAtTheWin() async throws {
+        let busy = try await UpstreamTestBackend.start()
+        let slow = try await UpstreamTestBackend.start(responseDelay: .seconds(1))
+        defer { Task { await busy.stop(); await slow.stop() } }
+        try await withProxy([busy.port, slow.port], {
+            $0.connectionsPerUpstream = 1
+            $0.upstreamHedgeAfterMilliseconds = 100
+        }) { server, pool in
+            let held = Task { try await request(server.url("/pause"), method: "POST", body: "{}") }
+            #expect(try await eventually { busy.requestsReceived == 1 })
+            let hedged = Task { try await request(server.url("/delayed")) }
+            #expect(try await eventually { await pool.balancer.stats().inFlight == 3 })
+            let answer = try await hedged.value
+            #expect(answer.text == "port \(slow.port)")
+            #expect(try await eventually { await pool.balancer.stats().inFlight == 1 }, "only the held POST is left")
+            let figures = try await HedgeFigures.read(server)
+            #expect(figures.hedged == 0 && figures.copies == 0 && figures.skipped == 0, "\(figures)")
+
+            busy.releasePauses()
+            #expect(try await held.value.status == 200)
+            let settled = try await settled(server)
+            #expect(settled.pending.allSatisfy { $0 == 0 }, "\(settled)")
+            #expect(busy.requestsReceived == 1, "the withdrawn copy never ran")
+        }
+    }
+
+    @Test("draining the backend a copy waits for ends the copy, counted skipped; the first copy still answers")
+    func drainEndsWaitingCopy() async throws {
+        let busy = try await UpstreamTestBackend.start()
+        let slow = try await UpstreamTestBackend.start(responseDelay: .milliseconds(1_500))
+        defer { Task { await busy.stop(); await slow.stop() } }
+        try await withProxy([busy.port, slow.port], {
+            $0.connectionsPerUpstream = 1
+            $0.upstreamHedgeAfterMilliseconds = 100
+        }) { server, pool in
+            let held = Task { try await request(server.url("/pause"), method: "POST", body: "{}") }
+            #expect(try await eventually { busy.requestsReceived == 1 })
+            let hedged = Task { try await request(server.url("/delayed")) }
+            #expect(try await eventually { await pool.balancer.stats().inFlight == 3 })
+            try await pool.drain("backend1")
+            #expect(try await eventually { try await HedgeFigures.read(server).skipped >= 1 })
+            let answer = try await hedged.value
+            #expect(answer.text == "port \(slow.port)")
+
+            busy.releasePauses()
+            #expect(try await held.value.status == 200)
+            let figures = try await settled(server)
+            #expect(figures.pending.allSatisfy { $0 == 0 }, "\(figures)")
+            #expect(figures.copies == 0 && figures.losers == 0, "\(figures)")
+            #expect(busy.requestsReceived == 1, "the drained backend got no copy")
+        }
+    }
+
     @Test("a copy that fails fast does not win while another copy may still answer")
     func fastFailureDoesNotWin() async throws {
         // A backend that answers garbage at once (a closed port could be taken by
