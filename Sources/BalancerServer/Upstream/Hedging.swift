@@ -34,8 +34,8 @@ import Synchronization
 /// left of the pool's response timeout since the request's own copy, the
 /// first or a retry, started: the longest that one may wait for its head). Under a closed loop, where
 /// every worker is nearly always busy, that is what lets a copy run at all:
-/// it takes the next worker a fast backend frees. With no other backend at
-/// all (a pool of one) no copy goes.
+/// it takes the next worker a fast backend frees. With no other backend in
+/// rotation (or in a pool of one) no copy goes.
 ///
 /// The first copy whose response head arrives wins the client and streams its
 /// response; a 5xx head wins too (it is an answer, and bodies are not
@@ -767,7 +767,7 @@ extension UpstreamPool {
             return
         }
         // A later copy starts once the ones before it are on their workers.
-        // No other backend at all (a pool of one): no copy, and none later.
+        // No other backend in rotation (or a pool of one): no copy, and none later.
         guard let eligible = spareWorkers(awayFrom: race.workers) else {
             hedgeBudget.refund()
             race.stopTimed()

@@ -306,19 +306,22 @@ public final class UpstreamPool: Service, Sendable {
         }
     }
 
-    /// Which workers a copy of a request may run on: those of the backends
-    /// none of `taken` (the workers of its other copies) belongs to; `nil`
-    /// when there are none. Worked out once, so the balancer's calls (one per
-    /// worker each time it chooses) are an array lookup.
+    /// Which workers a copy of a request may run on: those of the backends in
+    /// rotation that none of `taken` (the workers of its other copies)
+    /// belongs to; `nil` when there are none. Worked out once, so the
+    /// balancer's calls (one per worker each time it chooses) are an array lookup.
     func spareWorkers(awayFrom taken: [Int]) -> (@Sendable (Int) -> Bool)? {
         let allowed = state.withLock { state -> [Bool] in
-            func number(_ worker: Int) -> Int? {
-                state.workers[worker].flatMap { state.index(of: $0.backend) }.map { state.backends[$0].number }
+            func backend(_ worker: Int) -> BackendEntry? {
+                state.workers[worker].flatMap { state.index(of: $0.backend) }.map { state.backends[$0] }
             }
-            let takenBackends = Set(taken.compactMap(number))
+            let takenBackends = Set(taken.compactMap { backend($0)?.number })
+            let now = ContinuousClock.now
             var allowed = Array(repeating: false, count: (state.workers.keys.max() ?? -1) + 1)
             for id in state.workers.keys {
-                if let backend = number(id), !takenBackends.contains(backend) { allowed[id] = true }
+                if let entry = backend(id), !takenBackends.contains(entry.number), entry.inRotation(now: now) {
+                    allowed[id] = true
+                }
             }
             return allowed
         }
