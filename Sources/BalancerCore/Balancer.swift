@@ -997,6 +997,7 @@ public actor Balancer {
             capacity: capacity,
             workers: workers,
             backlogDepth: backlog.count,
+            waiting: waiting.count,
             backlogLimit: configuration.backlog,
             queueTimeout: configuration.queueTimeout,
             submitted: submitted + refused,

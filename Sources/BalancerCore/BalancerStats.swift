@@ -46,6 +46,9 @@ public struct BalancerStats: Sendable, Equatable {
     public var workers: [Worker]
     /// Requests waiting in the backlog now.
     public var backlogDepth: Int
+    /// Restricted requests waiting beside the backlog for room on an eligible
+    /// worker now (``Balancer/submitOnWorker(ifRoomAmong:waitingAtMost:_:)``).
+    public var waiting: Int = 0
     /// Q.
     public var backlogLimit: Int
     /// T.

@@ -180,11 +180,13 @@ struct HedgeStats: Sendable, Equatable {
 
     init(copies: Int) { winsByCopy = Array(repeating: 0, count: copies) }
 
-    /// The figures, and `delay`: the delay before a timed copy now (`null`: none).
-    func json(delay: Duration?) -> JSONValue {
+    /// The figures, `delay`: the delay before a timed copy now (`null`: none),
+    /// and `waiting`: copies waiting for a spare worker now.
+    func json(delay: Duration?, waiting: Int) -> JSONValue {
         .object(
             JSONObject([
                 ("delay_us", delay.map { JSONValue($0.microseconds) } ?? .null),
+                ("waiting_copies", JSONValue(waiting)),
                 ("hedged_requests", JSONValue(hedgedRequests)),
                 ("copies_sent", JSONValue(copiesSent)),
                 ("wins_by_copy", .array(winsByCopy.map { JSONValue($0) })),

@@ -738,7 +738,13 @@ public final class UpstreamPool: Service, Sendable {
                 ),
                 ("pending_mean", JSONValue(snapshot.pendingMean)),
                 ("pending_variance", JSONValue(snapshot.pendingVariance)),
-                ("hedging", hedgeStats.withLock { $0.json(delay: hedging.delay(estimate: hedgeLatency?.estimate)) }),
+                (
+                    "hedging",
+                    hedgeStats.withLock {
+                        // The balancer's restricted requests are this pool's copies on spare capacity.
+                        $0.json(delay: hedging.delay(estimate: hedgeLatency?.estimate), waiting: snapshot.waiting)
+                    }
+                ),
             ])
         )
         guard let latency, case .object(var object) = pool else { return pool }

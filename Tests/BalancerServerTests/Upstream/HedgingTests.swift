@@ -18,6 +18,7 @@ private struct HedgeFigures: Equatable, CustomStringConvertible {
     var losers = 0
     var skipped = 0
     var overBudget = 0
+    var waiting = 0
     var pending: [Int] = []
     var retries: [Int] = []
 
@@ -34,6 +35,7 @@ private struct HedgeFigures: Equatable, CustomStringConvertible {
             losers: hedging["cancelled_losers"] as? Int ?? -1,
             skipped: hedging["skipped"] as? Int ?? -1,
             overBudget: hedging["over_budget"] as? Int ?? -1,
+            waiting: hedging["waiting_copies"] as? Int ?? -1,
             pending: workers.map { $0["pending"] as? Int ?? -1 },
             retries: backends.map { $0["retries"] as? Int ?? -1 }
         )
@@ -41,7 +43,7 @@ private struct HedgeFigures: Equatable, CustomStringConvertible {
 
     var description: String {
         "hedged \(hedged) copies \(copies) wins \(wins) losers \(losers) skipped \(skipped) over budget \(overBudget) "
-            + "pending \(pending) retries \(retries)"
+            + "waiting \(waiting) pending \(pending) retries \(retries)"
     }
 }
 
@@ -142,6 +144,7 @@ struct HedgingTests {
             // The held POST, the first copy on the slow backend, and its copy waiting.
             #expect(try await eventually { await pool.balancer.stats().inFlight == 3 })
             #expect(fast.requestsReceived == 1, "the copy waits: it is not sent anywhere else")
+            #expect(try await HedgeFigures.read(server).waiting == 1, "/stats shows the waiting copy")
             fast.releasePauses()
             let answer = try await hedged.value
             #expect(answer.text == "port \(fast.port)", "the copy took the freed worker and won")
@@ -149,7 +152,7 @@ struct HedgingTests {
             let figures = try await settled(server)
             #expect(figures.pending.allSatisfy { $0 == 0 }, "\(figures)")
             #expect(figures.copies == 1 && figures.wins == [0, 1] && figures.losers == 1, "\(figures)")
-            #expect(figures.skipped == 0, "\(figures)")
+            #expect(figures.skipped == 0 && figures.waiting == 0, "\(figures)")
             #expect(try await eventually { slow.disconnectsWhileDelayed == 1 }, "the slow copy was cancelled")
         }
     }
@@ -172,6 +175,7 @@ struct HedgingTests {
             #expect(try await eventually { await pool.balancer.stats().inFlight == 1 }, "only the held POST is left")
             let figures = try await HedgeFigures.read(server)
             #expect(figures.hedged == 0 && figures.copies == 0 && figures.skipped == 0, "\(figures)")
+            #expect(figures.waiting == 0, "withdrawn: \(figures)")
 
             busy.releasePauses()
             #expect(try await held.value.status == 200)
