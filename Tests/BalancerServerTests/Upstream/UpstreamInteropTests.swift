@@ -96,15 +96,21 @@ struct UpstreamInteropTests {
         defer { try? FileManager.default.removeItem(at: directory) }
         try Data("hello from python\n".utf8).write(to: directory.appendingPathComponent("hello.txt"))
 
-        // A port that was free a moment ago; python binds it, we poll until it answers.
-        let probe = try await UpstreamTestBackend.start()
-        let port = probe.port
-        await probe.stop()
+        // Python's http.server on a port the kernel picks (a port probed free a
+        // moment before may be taken by a parallel test meanwhile); it writes
+        // the port to a file once its socket listens.
+        let portFile = directory.appendingPathComponent("port")
+        let script = """
+            import functools, http.server, os, sys
+            handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=sys.argv[1])
+            server = http.server.HTTPServer(("127.0.0.1", 0), handler)
+            with open(sys.argv[2] + ".tmp", "w") as f: f.write(str(server.server_address[1]))
+            os.rename(sys.argv[2] + ".tmp", sys.argv[2])
+            server.serve_forever()
+            """
         let process = Process()
         process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-        process.arguments = [
-            "python3", "-m", "http.server", String(port), "--bind", "127.0.0.1", "--directory", directory.path,
-        ]
+        process.arguments = ["python3", "-c", script, directory.path, portFile.path]
         process.standardOutput = FileHandle.nullDevice
         process.standardError = FileHandle.nullDevice
         try process.run()
@@ -113,19 +119,14 @@ struct UpstreamInteropTests {
             kill(process.processIdentifier, SIGKILL)
             process.waitUntilExit()
         }
-        var answering = false
-        for _ in 0..<100 where !answering {
-            let bootstrap = ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
-            if let channel = try? await bootstrap.connect(host: "127.0.0.1", port: port).get() {
-                try? await channel.close()
-                answering = true
-            } else {
-                try await Task.sleep(for: .milliseconds(50))
-            }
+        var port: Int?
+        for _ in 0..<200 where port == nil {
+            port = (try? String(contentsOf: portFile, encoding: .utf8)).flatMap { Int($0) }
+            if port == nil { try await Task.sleep(for: .milliseconds(50)) }
         }
-        try #require(answering, "python3 -m http.server did not start")
+        let pythonPort = try #require(port, "python's http.server did not start")
 
-        let connection = UpstreamConnection(backend: try Backend(name: "python", url: "http://127.0.0.1:\(port)"))
+        let connection = UpstreamConnection(backend: try Backend(name: "python", url: "http://127.0.0.1:\(pythonPort)"))
         for _ in 0..<2 {
             let writer = CollectingResponseWriter()
             let result = try await connection.forward(
