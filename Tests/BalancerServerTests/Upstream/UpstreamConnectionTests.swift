@@ -354,7 +354,9 @@ struct UpstreamConnectionTests {
             )
             #expect(error.kind == .responseTimeout)
             #expect(error.requestBodyBytes < total)
-            #expect(clock.now - started < .seconds(10))
+            // Only a bound against hanging: the kernel's buffers fill first, which
+            // took 15 s once in a loaded parallel CI run (0.3 s idle timeout).
+            #expect(clock.now - started < .seconds(60))
         }
     }
 
