@@ -632,10 +632,16 @@ public actor Balancer {
         }
     }
 
-    /// Ends every waiting restricted request with `error`.
-    private func endWaiting(with error: BalancerError) {
-        while let request = waiting.popFirst() {
-            finish(request, with: error)
+    /// Ends with `error` each waiting restricted request that `ends` accepts
+    /// (every one by default); the others keep their order.
+    private func endWaiting(with error: BalancerError, where ends: (AnyRequest) -> Bool = { _ in true }) {
+        var index = waiting.startIndex
+        while index < waiting.endIndex {
+            if ends(waiting[index]) {
+                finish(waiting.remove(at: index), with: error)
+            } else {
+                index += 1
+            }
         }
     }
 
@@ -731,17 +737,7 @@ public actor Balancer {
                 backlog.removeFirst()
                 finish(head, with: .queueTimeout)
             }
-            if waiting.contains(where: { $0.deadline.unsafelyUnwrapped <= now }) {
-                let waited = waiting
-                waiting.removeAll()
-                for request in waited {
-                    if request.deadline.unsafelyUnwrapped <= now {
-                        finish(request, with: .busy)
-                    } else {
-                        waiting.append(request)
-                    }
-                }
-            }
+            endWaiting(with: .busy) { $0.deadline.unsafelyUnwrapped <= now }
             armExpiryTimer()
         case .shutdown(let deadline):
             guard stage == .running else { return }
@@ -942,23 +938,11 @@ public actor Balancer {
         activeIDs.removeAll { $0 == id }
         if roundRobinNext >= activeIDs.count { roundRobinNext = 0 }
         slots[id]!.state = state
-        if !waiting.isEmpty { endHopelessWaiting() }
+        // A waiting request that no active worker can take any more (the last
+        // eligible one went down, drained or left) ends now: waiting out its
+        // patience would only delay its requester's next step.
+        endWaiting(with: .busy) { !activeIDs.contains(where: $0.eligible.unsafelyUnwrapped) }
         return true
-    }
-
-    /// Ends `busy` each waiting restricted request that no active worker can
-    /// take any more (the last eligible one went down, drained or left):
-    /// waiting out its patience would only delay its requester's next step.
-    private func endHopelessWaiting() {
-        var index = waiting.startIndex
-        while index < waiting.endIndex {
-            let eligible = waiting[index].eligible.unsafelyUnwrapped
-            if activeIDs.contains(where: eligible) {
-                index += 1
-            } else {
-                finish(waiting.remove(at: index), with: .busy)
-            }
-        }
     }
 
     /// A worker out of rotation with nothing pending leaves the pool; its task ends.
