@@ -44,6 +44,9 @@ public struct Pool: Sendable {
     private var dispatches = 0
     /// By group: the sum of its members' `pending`, and its members' ids.
     private var groups: [(pending: Int, members: [Int])] = []
+    /// Scratch space for ``changeGroup(_:by:)``, kept so that a change of
+    /// pending (two per request) allocates nothing.
+    private var groupScratch: [Int] = []
 
     public init() {}
 
@@ -69,8 +72,12 @@ public struct Pool: Sendable {
     /// The sum of `pending` over worker `id`'s group (its own `pending` if it
     /// has none); the worker must be in the pool.
     public func groupPending(of id: Int) -> Int {
-        let record = records[id]!
-        return record.group < 0 ? record.pending : groups[record.group].pending
+        groupPending(records[id]!)
+    }
+
+    @inline(__always)
+    private func groupPending(_ record: Record) -> Int {
+        record.group < 0 ? record.pending : groups[record.group].pending
     }
 
     /// Registers worker `id` with `pending` 0, outside the heap, as a member
@@ -187,15 +194,19 @@ public struct Pool: Sendable {
     private mutating func changeGroup(_ group: Int, by delta: Int) {
         guard delta != 0 else { return }
         groups[group].pending += delta
-        var positions = groups[group].members.compactMap { records[$0]?.index }
-        guard !positions.isEmpty else { return }
+        // The members in the heap, in the order to sift them (by position before any moves).
+        var members = groupScratch
+        groupScratch = []
+        members.removeAll(keepingCapacity: true)
+        for id in groups[group].members where records[id]?.index != nil { members.append(id) }
         if delta > 0 {
-            positions.sort(by: >)
-            for id in positions.map({ heap[$0] }) { siftDown(records[id]!.index!) }
+            members.sort { records[$0]!.index! > records[$1]!.index! }
+            for id in members { siftDown(records[id]!.index!) }
         } else {
-            positions.sort()
-            for id in positions.map({ heap[$0] }) { siftUp(records[id]!.index!) }
+            members.sort { records[$0]!.index! < records[$1]!.index! }
+            for id in members { siftUp(records[id]!.index!) }
         }
+        groupScratch = members
     }
 
     @inline(__always)
@@ -206,8 +217,7 @@ public struct Pool: Sendable {
         let ry = records[y].unsafelyUnwrapped
         if rx.pending != ry.pending { return rx.pending < ry.pending }
         if rx.group != ry.group {
-            let gx = rx.group < 0 ? rx.pending : groups[rx.group].pending
-            let gy = ry.group < 0 ? ry.pending : groups[ry.group].pending
+            let (gx, gy) = (groupPending(rx), groupPending(ry))
             if gx != gy { return gx < gy }
         }
         if rx.lastDispatch != ry.lastDispatch { return rx.lastDispatch < ry.lastDispatch }
