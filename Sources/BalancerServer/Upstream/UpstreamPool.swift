@@ -47,6 +47,8 @@ public final class UpstreamPool: Service, Sendable {
     private let eventLoopGroup: any EventLoopGroup
     /// Where backends leaving and joining the rotation are logged (with why).
     private let logger: Logger
+    /// The default logger: says nothing (`balancer serve` passes its own).
+    public static let silentLogger = Logger(label: "balancer.upstream", factory: { _ in SwiftLogNoOpLogHandler() })
     private let upstreamConfiguration: UpstreamConfiguration
     private let names: BackendNames
     private let state: Mutex<State>
@@ -162,7 +164,7 @@ public final class UpstreamPool: Service, Sendable {
         queueTimeout: Duration,
         names: BackendNames = BackendNames(),
         eventLoopGroup: any EventLoopGroup,
-        logger: Logger = Logger(label: "balancer.upstream", factory: { _ in SwiftLogNoOpLogHandler() })
+        logger: Logger = UpstreamPool.silentLogger
     ) throws {
         precondition(configuration.kind == .upstream, "an UpstreamPool is an upstream pool")
         self.configuration = configuration
@@ -433,9 +435,7 @@ public final class UpstreamPool: Service, Sendable {
 
     /// Logs a backend joining (info) or leaving (warning) the rotation, and why.
     private func logRotation(_ entry: BackendEntry, up: Bool) {
-        let metadata: Logger.Metadata = [
-            "backend": "\(entry.backend.name)", "url": "\(entry.backend.url)", "connections": "\(entry.connections)",
-        ]
+        let metadata = Self.logMetadata(entry.backend, connections: entry.connections)
         if up {
             logger.info("backend in rotation", metadata: metadata)
         } else {
@@ -443,6 +443,11 @@ public final class UpstreamPool: Service, Sendable {
             metadata["reason"] = "\(entry.outOfRotationReason())"
             logger.warning("backend out of rotation", metadata: metadata)
         }
+    }
+
+    /// What every log line about a backend says of it.
+    private static func logMetadata(_ backend: Backend, connections: Int) -> Logger.Metadata {
+        ["backend": "\(backend.name)", "url": "\(backend.url)", "connections": "\(connections)"]
     }
 
     // MARK: - Active health checks
@@ -547,8 +552,7 @@ public final class UpstreamPool: Service, Sendable {
             return state.running && !state.stopped
         }
         if start, let checker { startChecking(checker) }
-        logger.info(
-            "backend added", metadata: ["backend": "\(backend.name)", "url": "\(backend.url)", "connections": "\(workers.count)"])
+        logger.info("backend added", metadata: Self.logMetadata(backend, connections: workers.count))
         await reconcile(backend.name)
     }
 
@@ -792,7 +796,7 @@ extension UpstreamPool {
     public static func pools(
         of configuration: ServerConfiguration,
         eventLoopGroup: any EventLoopGroup,
-        logger: Logger = Logger(label: "balancer.upstream", factory: { _ in SwiftLogNoOpLogHandler() })
+        logger: Logger = UpstreamPool.silentLogger
     ) throws -> [UpstreamPool] {
         let names = BackendNames()
         return try configuration.effectivePools.filter { $0.kind == .upstream }.map { pool in
