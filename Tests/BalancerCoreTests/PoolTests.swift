@@ -132,6 +132,17 @@ struct PoolTests {
         #expect(order == [0, 2, 4, 5, 7])
     }
 
+    /// Makes `count` dispatches that each complete at once (pop, mark, push
+    /// back) and returns the workers they went to, in order.
+    static func dispatchesCompletingAtOnce(_ count: Int, in pool: inout Pool) -> [Int] {
+        (0..<count).map { _ in
+            let id = pool.pop()!
+            pool.markDispatched(id)
+            pool.push(id)
+            return id
+        }
+    }
+
     @Test("among equal pending, the worker dispatched to least recently comes first")
     func tiesGoToTheLeastRecentlyDispatched() {
         var pool = Pool()
@@ -139,15 +150,8 @@ struct PoolTests {
             pool.insert(id)
             pool.push(id)
         }
-        // Three dispatches that each complete at once: round-robin, not always worker 0.
-        var order: [Int] = []
-        for _ in 0..<6 {
-            let id = pool.pop()!
-            order.append(id)
-            pool.markDispatched(id)
-            pool.push(id)
-        }
-        #expect(order == [0, 1, 2, 0, 1, 2])
+        // Dispatches that each complete at once: round-robin, not always worker 0.
+        #expect(Self.dispatchesCompletingAtOnce(6, in: &pool) == [0, 1, 2, 0, 1, 2])
         #expect(pool.isValid)
     }
 
@@ -167,14 +171,7 @@ struct PoolTests {
         pool.push(first)
         // Requests that complete at once now go to group 1 only, in turn, though
         // workers 1 and 2 are as idle as 3 to 5 (least recently dispatched alone would pick 1).
-        var order: [Int] = []
-        for _ in 0..<6 {
-            let id = pool.pop()!
-            order.append(id)
-            pool.markDispatched(id)
-            pool.push(id)
-        }
-        #expect(order == [3, 4, 5, 3, 4, 5])
+        #expect(Self.dispatchesCompletingAtOnce(6, in: &pool) == [3, 4, 5, 3, 4, 5])
         // The request on worker 0 ends: group 0 is idle again and its idle workers come back first.
         pool.remove(at: pool[0]!.index!)
         pool.addPending(-1, to: 0)
