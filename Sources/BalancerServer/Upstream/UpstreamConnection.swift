@@ -43,6 +43,11 @@ public final class UpstreamConnection: @unchecked Sendable {
     public let backend: Backend
     public let configuration: UpstreamConfiguration
     private let eventLoop: any EventLoop
+    /// The backend's address when its host is an IP literal: connections go
+    /// straight to it. A DNS name is resolved on every connect (NIO's Happy
+    /// Eyeballs), which costs a resolver thread hop and timers; an IP literal
+    /// needs neither, and hedging's losers make reconnects frequent.
+    private let literalAddress: SocketAddress?
     /// Set for the duration of a forward or close: enforces the one-user invariant.
     private let inUse = Atomic<Bool>(false)
     private let opened = Atomic<Int>(0)
@@ -58,6 +63,7 @@ public final class UpstreamConnection: @unchecked Sendable {
         self.backend = backend
         self.configuration = configuration
         self.eventLoop = eventLoop
+        self.literalAddress = try? SocketAddress(ipAddress: backend.host, port: backend.port)
     }
 
     deinit {
@@ -160,40 +166,46 @@ public final class UpstreamConnection: @unchecked Sendable {
         let bootstrap = ClientBootstrap(group: eventLoop)
             .connectTimeout(configuration.connectTimeout)
             .channelOption(.tcpOption(.tcp_nodelay), value: 1)
+        let initialize: @Sendable (any Channel) -> EventLoopFuture<AsyncConnection> = { channel in
+            channel.eventLoop.makeCompletedFuture {
+                var limits = NIOHTTPDecoderLimitConfiguration()
+                limits.maxHeaderFieldSize = configuration.maxResponseHeaderBytes
+                limits.maxHeaderListSize = configuration.maxResponseHeaderBytes
+                let sync = channel.pipeline.syncOperations
+                // The encoder must sit below the decoder's handler: the decoder
+                // learns each request's method from the writes passing through
+                // it (a response to HEAD has no body).
+                try sync.addHandler(HTTPRequestEncoder())
+                try sync.addHandler(
+                    ByteToMessageHandler(
+                        HTTPResponseDecoder(
+                            leftOverBytesStrategy: .dropBytes,
+                            informationalResponseStrategy: .drop,
+                            limitConfiguration: limits
+                        )
+                    )
+                )
+                try sync.addHandler(
+                    UpstreamTimeoutHandler(
+                        responseHeaderTimeout: configuration.responseHeaderTimeout,
+                        idleTimeout: configuration.idleTimeout
+                    )
+                )
+                try sync.addHandler(ReadBatchMarker())
+                let high = max(configuration.responseBufferParts, 2)
+                return try AsyncConnection(
+                    wrappingChannelSynchronously: channel,
+                    configuration: .init(backPressureStrategy: .init(lowWatermark: high / 2, highWatermark: high))
+                )
+            }
+        }
         let asyncConnection: AsyncConnection
         do {
-            asyncConnection = try await bootstrap.connect(host: backend.host, port: backend.port) { channel in
-                channel.eventLoop.makeCompletedFuture {
-                    var limits = NIOHTTPDecoderLimitConfiguration()
-                    limits.maxHeaderFieldSize = configuration.maxResponseHeaderBytes
-                    limits.maxHeaderListSize = configuration.maxResponseHeaderBytes
-                    let sync = channel.pipeline.syncOperations
-                    // The encoder must sit below the decoder's handler: the decoder
-                    // learns each request's method from the writes passing through
-                    // it (a response to HEAD has no body).
-                    try sync.addHandler(HTTPRequestEncoder())
-                    try sync.addHandler(
-                        ByteToMessageHandler(
-                            HTTPResponseDecoder(
-                                leftOverBytesStrategy: .dropBytes,
-                                informationalResponseStrategy: .drop,
-                                limitConfiguration: limits
-                            )
-                        )
-                    )
-                    try sync.addHandler(
-                        UpstreamTimeoutHandler(
-                            responseHeaderTimeout: configuration.responseHeaderTimeout,
-                            idleTimeout: configuration.idleTimeout
-                        )
-                    )
-                    try sync.addHandler(ReadBatchMarker())
-                    let high = max(configuration.responseBufferParts, 2)
-                    return try AsyncConnection(
-                        wrappingChannelSynchronously: channel,
-                        configuration: .init(backPressureStrategy: .init(lowWatermark: high / 2, highWatermark: high))
-                    )
-                }
+            if let literalAddress {
+                asyncConnection = try await bootstrap.connect(to: literalAddress, channelInitializer: initialize)
+            } else {
+                asyncConnection = try await bootstrap.connect(
+                    host: backend.host, port: backend.port, channelInitializer: initialize)
             }
         } catch {
             throw classifyConnect(error)
