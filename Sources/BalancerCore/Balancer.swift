@@ -67,6 +67,8 @@ public actor Balancer {
     /// The priority of the task that called `run()`, given to the worker tasks
     /// and timers, so the balance loop and its workers are scheduled alike.
     private var priority: TaskPriority?
+    /// Load held against groups (``holdLoad(ofGroupOf:until:)``), each until its deadline.
+    private var holds: [(group: Int, until: ContinuousClock.Instant)] = []
     private var expiryTimer: Task<Void, Never>?
     /// When `expiryTimer` fires.
     private var expiryDeadline: ContinuousClock.Instant?
@@ -738,6 +740,7 @@ public actor Balancer {
                 finish(head, with: .queueTimeout)
             }
             endWaiting(with: .busy) { $0.deadline.unsafelyUnwrapped <= now }
+            releaseHolds(until: now)
             armExpiryTimer()
         case .shutdown(let deadline):
             guard stage == .running else { return }
@@ -788,13 +791,15 @@ public actor Balancer {
         stage = .stopped
     }
 
-    /// Arms the timer for the earliest deadline of the backlog's head and the
-    /// waiting restricted requests, unless it is armed for one no later.
+    /// Arms the timer for the earliest deadline of the backlog's head, the
+    /// waiting restricted requests and the held loads, unless it is armed for
+    /// one no later.
     private func armExpiryTimer() {
         var next = backlog.first?.deadline
         for request in waiting {
             if let deadline = request.deadline, next.map({ deadline < $0 }) ?? true { next = deadline }
         }
+        for hold in holds where next.map({ hold.until < $0 }) ?? true { next = hold.until }
         guard let deadline = next else { return }
         if expiryTimer != nil, let armed = expiryDeadline, armed <= deadline { return }
         expiryTimer?.cancel()
@@ -868,6 +873,33 @@ public actor Balancer {
         if pool.pending(of: id) == 0 { leave(id) }
         drainBacklog()
         return true
+    }
+
+    /// Counts one more request against worker `id`'s group until `deadline`:
+    /// work the group's resource still does for a request that no worker
+    /// holds any more. An upstream pool holds one for a hedged request's
+    /// loser: cut off at the win, it is still being served by its backend
+    /// (which learns of the closed connection only when it answers), and
+    /// without the hold least-pending would take a slow backend whose
+    /// requests hedging cuts short for an idle one and send it more.
+    ///
+    /// Only the choice between workers of different groups sees it: no
+    /// worker's `pending` changes. Does nothing for a worker without a group
+    /// or not in the pool, or once the balancer has stopped.
+    public func holdLoad(ofGroupOf id: Int, until deadline: ContinuousClock.Instant) {
+        guard stage != .stopped, pool[id] != nil, let group = pool.group(of: id), deadline > .now else { return }
+        pool.addGroupLoad(1, to: group)
+        holds.append((group, deadline))
+        armExpiryTimer()
+    }
+
+    /// Gives back the held loads whose deadline is `now` or earlier.
+    private func releaseHolds(until now: ContinuousClock.Instant) {
+        holds.removeAll { hold in
+            guard hold.until <= now else { return false }
+            pool.addGroupLoad(-1, to: hold.group)
+            return true
+        }
     }
 
     /// Marks worker `id` down (a failed health check): it leaves the heap, its

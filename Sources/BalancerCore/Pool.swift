@@ -17,6 +17,9 @@
 /// prefers the backend with the fewest requests in flight (HAProxy's
 /// leastconn, which counts per server). A worker without a group is a group
 /// of its own, and the order among such workers is `(pending, lastDispatch, id)`.
+/// A group's count may also hold load that no member holds
+/// (``addGroupLoad(_:to:)``): work its resource still does for a request the
+/// pool's caller gave up on.
 ///
 /// Every operation keeps each record's `index` right; without that upkeep
 /// `completed` would fix up the wrong worker and the heap would silently rot.
@@ -42,7 +45,7 @@ public struct Pool: Sendable {
     private var heap: [Int] = []
     /// Dispatches recorded so far, for `lastDispatch`.
     private var dispatches = 0
-    /// By group: the sum of its members' `pending`, and its members' ids.
+    /// By group: the sum of its members' `pending` plus its held load, and its members' ids.
     private var groups: [(pending: Int, members: [Int])] = []
     /// Scratch space for ``changeGroup(_:by:)``, kept so that a change of
     /// pending (two per request) allocates nothing.
@@ -69,8 +72,8 @@ public struct Pool: Sendable {
         records[id]!.pending
     }
 
-    /// The sum of `pending` over worker `id`'s group (its own `pending` if it
-    /// has none); the worker must be in the pool.
+    /// The sum of `pending` over worker `id`'s group plus the group's held
+    /// load (its own `pending` if it has none); the worker must be in the pool.
     public func groupPending(of id: Int) -> Int {
         groupPending(records[id]!)
     }
@@ -118,6 +121,23 @@ public struct Pool: Sendable {
         precondition(new >= 0, "pending of worker \(id) would fall below zero")
         records[id]!.pending = new
         if records[id]!.group >= 0 { changeGroup(records[id]!.group, by: delta) }
+    }
+
+    /// Adds `delta` to `group`'s load without changing any member's
+    /// `pending` (see ``groupPending(of:)``), and restores heap order; the
+    /// holder takes it back with `-delta`. `group` must have had a member.
+    ///
+    /// - Precondition: the group's load never goes below zero.
+    public mutating func addGroupLoad(_ delta: Int, to group: Int) {
+        precondition(groups.indices.contains(group), "group \(group) has no members")
+        precondition(groups[group].pending + delta >= 0, "the load of group \(group) would fall below zero")
+        changeGroup(group, by: delta)
+    }
+
+    /// The group of worker `id` (nil for none); the worker must be in the pool.
+    public func group(of id: Int) -> Int? {
+        let group = records[id]!.group
+        return group < 0 ? nil : group
     }
 
     /// Records a dispatch to worker `id`, which must be out of the heap: among

@@ -124,6 +124,32 @@ struct DispatchTests {
         }
     }
 
+    @Test("load held against a worker's group passes its idle workers over until the deadline, then it ends")
+    func heldLoadPassesAGroupOverUntilItsDeadline() async throws {
+        // Two backends with two one-request connections each: workers 0, 1 and 2, 3.
+        let balancer = Balancer(configuration: .init(workers: 4, capacity: 1, backlog: 8), groups: [0, 0, 1, 1])
+        try await withRunning(balancer) { balancer in
+            await balancer.holdLoad(ofGroupOf: 1, until: .now + .milliseconds(300))
+            var ran: [Int] = []
+            for n in 1...4 {
+                ran.append(try await balancer.submitWithReceipt { 0 }.worker)
+                _ = await eventually(balancer) { $0.completed == n }
+            }
+            #expect(ran == [2, 3, 2, 3], "group 0 holds a request no worker has")
+            #expect(await balancer.stats().workers.allSatisfy { $0.pending == 0 }, "no worker's pending changed")
+            // After the deadline (the balancer's timer gives it back), group 0 comes first again.
+            try await Task.sleep(for: .milliseconds(300))
+            var worker = 2
+            for n in 5...104 where worker >= 2 {
+                if n > 5 { try await Task.sleep(for: .milliseconds(50)) }
+                worker = try await balancer.submitWithReceipt { 0 }.worker
+                _ = await eventually(balancer) { $0.completed == n }
+            }
+            #expect(worker < 2, "the hold ended")
+            #expect(await balancer.poolIsValid())
+        }
+    }
+
     @Test("round-robin gives each worker one request in turn")
     func roundRobinTakesTurns() async throws {
         let balancer = Balancer(configuration: .init(workers: 3, capacity: 4, strategy: .roundRobin))

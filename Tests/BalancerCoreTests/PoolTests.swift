@@ -12,10 +12,12 @@ struct PoolTests {
         var inHeap: Set<Int> = []
         /// Each worker's group, for those that have one.
         var group: [Int: Int] = [:]
+        /// Load held against each group that has had a member (``Pool/addGroupLoad(_:to:)``).
+        var held: [Int: Int] = [:]
 
-        /// Each group's pending: the sum over the pool's workers in it.
+        /// Each group's pending: the sum over the pool's workers in it, plus its held load.
         var groupSums: [Int: Int] {
-            var sums: [Int: Int] = [:]
+            var sums = held
             for (id, g) in group { sums[g, default: 0] += pending[id]! }
             return sums
         }
@@ -35,7 +37,7 @@ struct PoolTests {
     }
 
     @Test(
-        "random push, pop, remove(at:), fix and update keep heap order and every index, with and without groups",
+        "random push, pop, remove(at:), fix, update and held group load keep heap order and every index, with and without groups",
         arguments: [1, 2, 3, 4, 5, 6, 7, 8], [false, true])
     func randomOperationsKeepTheHeapValid(seed: UInt64, grouped: Bool) {
         var rng = SplitMix64(seed: seed)
@@ -52,6 +54,7 @@ struct PoolTests {
                 let group = grouped ? Int.random(in: 0..<5, using: &rng) : nil
                 pool.insert(nextID, group: group)
                 model.group[nextID] = group
+                if let group, model.held[group] == nil { model.held[group] = 0 }
                 model.pending[nextID] = 0
                 pool.push(nextID)
                 model.inHeap.insert(nextID)
@@ -103,6 +106,12 @@ struct PoolTests {
                     model.group[id] = nil
                     #expect(pool[id] == nil)
                 }
+            case 80..<90:
+                // Load is held against a group, or some of it given back.
+                guard let (group, load) = model.held.randomElement(using: &rng) else { continue }
+                let delta = load > 0 && Bool.random(using: &rng) ? -Int.random(in: 1...load, using: &rng) : 1
+                pool.addGroupLoad(delta, to: group)
+                model.held[group]! += delta
             default:
                 // Pop and push straight back.
                 guard let id = pool.pop() else { continue }
@@ -178,6 +187,24 @@ struct PoolTests {
         pool.push(0)
         #expect(pool.groupPending(of: 1) == 0)
         #expect(pool.pop() == 1)
+        #expect(pool.isValid)
+    }
+
+    @Test("load held against a group passes its idle workers over until it is given back")
+    func heldGroupLoadPassesTheGroupOver() {
+        // Workers 0-1 in group 0, 2-3 in group 1, all idle; group 0 would come first.
+        var pool = Pool()
+        for id in 0..<4 {
+            pool.insert(id, group: id / 2)
+            pool.push(id)
+        }
+        #expect(pool.min == 0)
+        pool.addGroupLoad(1, to: 0)
+        #expect(pool.groupPending(of: 1) == 1 && pool[1]?.pending == 0, "held by the group, not by a worker")
+        #expect(Self.dispatchesCompletingAtOnce(4, in: &pool) == [2, 3, 2, 3])
+        pool.addGroupLoad(-1, to: 0)
+        #expect(pool.groupPending(of: 0) == 0)
+        #expect(pool.min == 0)
         #expect(pool.isValid)
     }
 
