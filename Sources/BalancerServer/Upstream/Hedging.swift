@@ -175,6 +175,9 @@ struct HedgeStats: Sendable, Equatable {
     var cancelledLosers = 0
     /// Copies due that found no worker with room on another backend in time.
     var skipped = 0
+    /// Timed copies not sent: the original's backend was expected to answer
+    /// within another delay, or no other backend sooner (``ResponseTimes``).
+    var declined = 0
     /// Copies due that the budget did not allow.
     var overBudget = 0
 
@@ -192,6 +195,7 @@ struct HedgeStats: Sendable, Equatable {
                 ("wins_by_copy", .array(winsByCopy.map { JSONValue($0) })),
                 ("cancelled_losers", JSONValue(cancelledLosers)),
                 ("skipped", JSONValue(skipped)),
+                ("declined", JSONValue(declined)),
                 ("over_budget", JSONValue(overBudget)),
             ])
         )
@@ -232,6 +236,98 @@ final class QuantileEstimate: Sendable {
             if exchanged { return }
             current = original
         }
+    }
+}
+
+/// One backend's recent response times (from sending a request to its
+/// response head), for the one question hedging asks of a request that has
+/// waited `t` for its head: how much longer can it be expected to wait? That
+/// is the mean residual life, E[T - t | T > t] over the recorded times.
+///
+/// A copy is worth its cost only where that wait is long: when the backend
+/// usually answers within another delay, a copy sent now would arrive about
+/// when the original does (a busy backend's ordinary tail), so none is sent;
+/// a request on a backend that is slow, or stuck past every time recorded
+/// (no estimate), is copied. A backend's mean (the wait at `t` = 0) also
+/// tells where a copy can be expected to answer sooner.
+///
+/// Kept as a histogram in quarter-octave buckets (each about 19% wider than
+/// the one before), halved every ``window`` samples so it follows the backend
+/// as it changes. A request stopped before its head (a hedge's loser) only
+/// says its time was longer than its wait: it is recorded as its wait plus
+/// the expected rest, once there is an estimate, so cutting slow requests
+/// short does not make their backend look fast.
+final class ResponseTimes: Sendable {
+    /// Samples between two halvings of every count.
+    static let window = 1024
+    /// Buckets up to 2^32 µs (about 70 minutes); longer times share the last.
+    private static let bucketCount = 120
+
+    private struct Histogram {
+        var counts = [Int](repeating: 0, count: ResponseTimes.bucketCount)
+        var total = 0
+    }
+
+    private let histogram = Mutex(Histogram())
+
+    init() {}
+
+    private static func microseconds(_ duration: Duration) -> Double { max(duration / .microseconds(1), 0) }
+
+    /// Bucket 4e + q holds [2^e (1 + q/4), 2^e (1 + (q + 1)/4)) µs; times
+    /// under 4 µs share the first.
+    private static func bucket(_ duration: Duration) -> Int {
+        let value = UInt64(min(max(duration / .microseconds(1), 4), 1e15))
+        let octave = UInt64.bitWidth - 1 - value.leadingZeroBitCount
+        let quarter = Int((value >> (octave - 2)) & 3)
+        return min(4 * (octave - 2) + quarter, bucketCount - 1)
+    }
+
+    /// A bucket's middle, in microseconds: the time its samples stand for.
+    private static func middle(_ bucket: Int) -> Double {
+        Double(UInt64(1) << (bucket / 4 + 2)) * (1.125 + 0.25 * Double(bucket % 4))
+    }
+
+    /// A response head arrived `time` after its request was sent.
+    func record(_ time: Duration) {
+        let bucket = Self.bucket(time)
+        histogram.withLock { histogram in
+            histogram.counts[bucket] += 1
+            histogram.total += 1
+            guard histogram.total >= Self.window else { return }
+            histogram.total = 0
+            for index in histogram.counts.indices {
+                histogram.counts[index] /= 2
+                histogram.total += histogram.counts[index]
+            }
+        }
+    }
+
+    /// A request was stopped `waited` after it was sent, before its head.
+    /// Returns how much longer it could be expected to have taken, as recorded.
+    @discardableResult
+    func recordStopped(after waited: Duration) -> Duration? {
+        guard let rest = expectedWait(after: waited) else { return nil }
+        record(waited + rest)
+        return rest
+    }
+
+    /// How much longer a request that has waited `waited` can be expected to
+    /// wait; `nil` when no recorded time is longer (nothing is known).
+    func expectedWait(after waited: Duration) -> Duration? {
+        let start = Self.bucket(waited)
+        let elapsed = Self.microseconds(waited)
+        let (sum, count) = histogram.withLock { histogram -> (Double, Int) in
+            var (sum, count) = (0.0, 0)
+            for bucket in start..<Self.bucketCount where histogram.counts[bucket] > 0 {
+                let middle = Self.middle(bucket)
+                guard middle > elapsed else { continue }
+                sum += (middle - elapsed) * Double(histogram.counts[bucket])
+                count += histogram.counts[bucket]
+            }
+            return (sum, count)
+        }
+        return count > 0 ? .microseconds(sum / Double(count)) : nil
     }
 }
 
@@ -326,6 +422,8 @@ final class HedgeRace: Sendable {
         var startedIDs: [Int] = []
         /// Their workers, in the same order.
         var workers: [Int] = []
+        /// Their backends' response times and when each was sent, in the same order.
+        var sent: [(times: ResponseTimes?, at: ContinuousClock.Instant)] = []
         /// Copies on spare capacity that started.
         var hedgesStarted = 0
         /// Copies still live when another won.
@@ -347,10 +445,11 @@ final class HedgeRace: Sendable {
     private let state: Mutex<State>
     let after: Duration?
     let maxCopies: Int
-    /// Launches one more copy on spare capacity (the pool's, which knows the request).
-    let spawn: @Sendable (HedgeRace) -> Void
+    /// Launches one more copy on spare capacity (the pool's, which knows the
+    /// request); `timed`: due after a delay, not asked for at once.
+    let spawn: @Sendable (_ race: HedgeRace, _ timed: Bool) -> Void
 
-    init(atOnce: Int, after: Duration?, maxCopies: Int, spawn: @escaping @Sendable (HedgeRace) -> Void) {
+    init(atOnce: Int, after: Duration?, maxCopies: Int, spawn: @escaping @Sendable (HedgeRace, Bool) -> Void) {
         state = Mutex(State(copiesDue: atOnce - 1))
         self.after = after
         self.maxCopies = maxCopies
@@ -391,23 +490,25 @@ final class HedgeRace: Sendable {
         launch(spare: true) { .task(makeTask($0)) }
     }
 
-    /// Copy `id` is on worker `worker` and about to send; false (send
-    /// nothing) when another copy has already won. Launches the next copy
-    /// asked for at once, if any.
-    func started(_ id: Int, worker: Int, spare: Bool) -> Bool {
+    /// Copy `id` is on worker `worker` (of a backend with response times
+    /// `times`) and about to send; false (send nothing) when another copy has
+    /// already won. Launches the next copy asked for at once, if any.
+    func started(_ id: Int, worker: Int, times: ResponseTimes?, spare: Bool) -> Bool {
         let (go, more): (Bool, Bool) = state.withLock { state in
             state.unstarted.removeAll { $0 == id }
             guard !state.closed, state.winner == nil, !state.withdrawn.contains(id) else { return (false, false) }
             if !spare { state.tryStart = .now }
+            let now = ContinuousClock.now
             state.startedIDs.append(id)
             state.workers.append(worker)
+            state.sent.append((times, now))
             if spare { state.hedgesStarted += 1 }
-            state.since = .now
+            state.since = now
             guard state.copiesDue > 0 else { return (true, false) }
             state.copiesDue -= 1
             return (true, true)
         }
-        if more { spawn(self) }
+        if more { spawn(self, false) }
         return go
     }
 
@@ -421,6 +522,22 @@ final class HedgeRace: Sendable {
             else { return false }
             return since + after <= now
         }
+    }
+
+    /// How much longer the request can be expected to wait for a head at
+    /// `now`: the least expected wait of its live copies that started, each
+    /// by its backend's response times; `nil` when nothing is known of one.
+    func expectedWait(at now: ContinuousClock.Instant) -> Duration? {
+        let sent: [(times: ResponseTimes?, at: ContinuousClock.Instant)] = state.withLock { state in
+            state.startedIDs.indices.filter { index in state.live.contains { $0.id == state.startedIDs[index] } }
+                .map { state.sent[$0] }
+        }
+        var least: Duration?
+        for copy in sent {
+            guard let wait = copy.times?.expectedWait(after: now - copy.at) else { return nil }
+            least = min(least ?? wait, wait)
+        }
+        return least
     }
 
     /// No more timed copies for this request: the budget refused one, or no
@@ -538,10 +655,12 @@ struct HedgeCopyWriter<Client: ClientResponseWriting>: ClientResponseWriting {
     let race: HedgeRace
     let id: Int
     let client: Client
+    let timing: CopyTiming?
 
     var headWritten: Bool { race.winner == id && client.headWritten }
 
     func writeHead(_ head: HTTPResponseHead) async throws {
+        timing?.headArrived()
         guard race.claim(id) else { throw HedgeRace.Lost() }
         try await client.writeHead(head)
     }
@@ -551,6 +670,31 @@ struct HedgeCopyWriter<Client: ClientResponseWriting>: ClientResponseWriting {
     func end(trailers: HTTPHeaders?) async throws { try await client.end(trailers: trailers) }
 
     func flush() async throws { try await client.flush() }
+}
+
+/// One copy's time to its response head, as a sample of its backend's
+/// ``ResponseTimes``: the head's arrival, winner's or loser's, or, for a copy
+/// stopped before its head, the stop (a lower bound).
+final class CopyTiming: Sendable {
+    private let times: ResponseTimes
+    private let sent = ContinuousClock.now
+    private let arrived = Atomic<Bool>(false)
+
+    /// A copy sent now to a backend with response times `times`.
+    init(_ times: ResponseTimes) { self.times = times }
+
+    func headArrived() {
+        arrived.store(true, ordering: .relaxed)
+        times.record(.now - sent)
+    }
+
+    /// The copy was stopped (another won); counts only if its head had not
+    /// arrived. Returns how much longer its backend can be expected to work
+    /// on it (nil: unknown, or the head had arrived).
+    func stopped() -> Duration? {
+        guard !arrived.load(ordering: .relaxed) else { return nil }
+        return times.recordStopped(after: .now - sent)
+    }
 }
 
 /// The client as a pool with `after_percentile` sees it: the time from the
@@ -638,7 +782,7 @@ final class HedgeTimer: Sendable {
                 return candidates
             }
             guard let candidates else { return }
-            for race in candidates where race.due(at: now) { race.spawn(race) }
+            for race in candidates where race.due(at: now) { race.spawn(race, true) }
         }
     }
 }
@@ -661,8 +805,8 @@ extension UpstreamPool {
     ) async -> Outcome where Body.Element == ByteBuffer {
         hedgeBudget.deposit()
         let delay = timed ? hedging.delay(estimate: hedgeLatency?.estimate) : nil
-        let race = HedgeRace(atOnce: atOnce, after: delay, maxCopies: maxCopies) { race in
-            self.spawnCopy(of: race, head, body: body, forwarding: forwarding, to: writer)
+        let race = HedgeRace(atOnce: atOnce, after: delay, maxCopies: maxCopies) { race, timed in
+            self.spawnCopy(of: race, timed: timed, head, body: body, forwarding: forwarding, to: writer)
         }
         let timer = delay == nil ? nil : hedgeTimer
         timer?.watch(race)
@@ -756,13 +900,27 @@ extension UpstreamPool {
     /// least-loaded worker with room of a backend no other copy uses, waiting
     /// for one (ahead of the backlog) while no copy has answered, at most the
     /// pool's response timeout. Paid from the budget, given back if it never starts.
+    ///
+    /// A `timed` copy goes only where it can cut the wait: not when the
+    /// request's backend can be expected to answer within another delay, and
+    /// only to a backend expected to answer sooner than that (see
+    /// ``ResponseTimes``); otherwise it is declined and due again a delay later.
     private func spawnCopy<Body: AsyncSequence & Sendable>(
         of race: HedgeRace,
+        timed: Bool,
         _ head: HTTPRequestHead,
         body: Body,
         forwarding: ForwardedFor,
         to writer: some ClientResponseWriting
     ) where Body.Element == ByteBuffer {
+        var within: Duration?
+        if timed, let after = race.after {
+            within = race.expectedWait(at: .now)
+            if let within, within < after {
+                decline(race)
+                return
+            }
+        }
         guard hedgeBudget.withdraw() else {
             race.stopTimed()
             hedgeStats.withLock { $0.overBudget += 1 }
@@ -770,10 +928,18 @@ extension UpstreamPool {
         }
         // A later copy starts once the ones before it are on their workers.
         // No other backend in rotation (or a pool of one): no copy, and none later.
-        guard let eligible = spareWorkers(awayFrom: race.workers) else {
+        let eligible: @Sendable (Int) -> Bool
+        switch spareWorkers(awayFrom: race.workers, answeringWithin: within) {
+        case .none:
             hedgeBudget.refund()
             race.stopTimed()
             return
+        case .noneSooner:
+            hedgeBudget.refund()
+            decline(race)
+            return
+        case .some(let workers):
+            eligible = workers
         }
         // It waits no longer than the request's own copy may wait for its head.
         let timeout = Duration.milliseconds(configuration.responseTimeoutMilliseconds)
@@ -800,7 +966,17 @@ extension UpstreamPool {
         if launched == nil { hedgeBudget.refund() }
     }
 
-    /// What copy `id` runs on its worker: forward, unless another copy won first.
+    /// A timed copy is not worth sending now: it is due again a delay later.
+    private func decline(_ race: HedgeRace) {
+        race.restartDelay()
+        hedgeStats.withLock { $0.declined += 1 }
+    }
+
+    /// What copy `id` runs on its worker: forward, unless another copy won
+    /// first. Its head, or its stop when another wins, is a sample of its
+    /// backend's response times; at a stop, its backend's load is held for
+    /// the rest of the time it can be expected to take
+    /// (``Balancer/holdLoad(ofGroupOf:until:)``).
     private func copyOperation<Body: AsyncSequence & Sendable>(
         _ race: HedgeRace,
         _ id: Int,
@@ -811,9 +987,20 @@ extension UpstreamPool {
         to writer: some ClientResponseWriting
     ) -> @Sendable (Int) async throws -> ForwardResult where Body.Element == ByteBuffer {
         { worker in
-            guard race.started(id, worker: worker, spare: spare) else { throw HedgeRace.Lost() }
-            return try await self.forward(
-                on: worker, head, body: body, forwarding: forwarding, to: HedgeCopyWriter(race: race, id: id, client: writer))
+            let times = self.responseTimes(ofWorker: worker)
+            guard race.started(id, worker: worker, times: times, spare: spare) else { throw HedgeRace.Lost() }
+            let timing = times.map { CopyTiming($0) }
+            let copy = HedgeCopyWriter(race: race, id: id, client: writer, timing: timing)
+            do {
+                return try await self.forward(on: worker, head, body: body, forwarding: forwarding, to: copy)
+            } catch let error as UpstreamError where error.kind == .clientAborted {
+                // Cut off by another copy's win: its backend still works on it.
+                if let winner = race.winner, winner != id, let rest = timing?.stopped() {
+                    let longest = Duration.milliseconds(self.configuration.responseTimeoutMilliseconds)
+                    await self.balancer.holdLoad(ofGroupOf: worker, until: .now + min(rest, longest))
+                }
+                throw error
+            }
         }
     }
 

@@ -76,6 +76,9 @@ public final class UpstreamPool: Service, Sendable {
         let number: Int
         let connections: Int
         var workerIDs: [Int]
+        /// Recorded by hedged requests only (see ``ResponseTimes``); its
+        /// workers' entries share it.
+        var responseTimes = ResponseTimes()
         var admin = AdminState.ready
         var passive: PassiveHealth
         /// What the active health check says (up when there is none).
@@ -119,6 +122,8 @@ public final class UpstreamPool: Service, Sendable {
     struct WorkerEntry: Sendable {
         let backend: String
         let connection: UpstreamConnection
+        /// Its backend's (shared by the backend's workers).
+        let responseTimes: ResponseTimes
         var stats = UpstreamStats()
     }
 
@@ -143,13 +148,13 @@ public final class UpstreamPool: Service, Sendable {
         }
 
         mutating func append(
-            _ backend: Backend, number: Int, connections: Int, workerIDs: [Int], passive: PassiveHealth,
-            checker: HealthChecker? = nil
+            _ backend: Backend, number: Int, connections: Int, workerIDs: [Int], responseTimes: ResponseTimes,
+            passive: PassiveHealth, checker: HealthChecker? = nil
         ) {
             backends.append(
                 BackendEntry(
-                    backend: backend, number: number, connections: connections, workerIDs: workerIDs, passive: passive,
-                    checker: checker))
+                    backend: backend, number: number, connections: connections, workerIDs: workerIDs,
+                    responseTimes: responseTimes, passive: passive, checker: checker))
         }
     }
 
@@ -204,15 +209,18 @@ public final class UpstreamPool: Service, Sendable {
         self.hedgeTimer = hedging.timed ? HedgeTimer() : nil
 
         let passive = PassiveHealth(maxFailures: configuration.maxFails, coolDown: .milliseconds(configuration.failTimeoutMilliseconds))
+        let responseTimes = backends.map { _ in ResponseTimes() }
         for (index, backend) in backends.enumerated() {
             state.append(
                 backend, number: numbers[index], connections: configuration.backends[index].connections,
-                workerIDs: owners.indices.filter { owners[$0] == index }, passive: passive)
+                workerIDs: owners.indices.filter { owners[$0] == index }, responseTimes: responseTimes[index],
+                passive: passive)
         }
         for (worker, owner) in owners.enumerated() {
             state.workers[worker] = WorkerEntry(
                 backend: backends[owner].name,
-                connection: UpstreamConnection(backend: backends[owner], configuration: upstreamConfiguration, eventLoop: eventLoopGroup.next())
+                connection: UpstreamConnection(backend: backends[owner], configuration: upstreamConfiguration, eventLoop: eventLoopGroup.next()),
+                responseTimes: responseTimes[owner]
             )
         }
         self.state = Mutex(state)
@@ -308,27 +316,52 @@ public final class UpstreamPool: Service, Sendable {
         }
     }
 
+    /// Which workers a copy of a request may run on.
+    enum SpareWorkers {
+        /// No backend in rotation is free of the request's other copies.
+        case none
+        /// There are such backends, but none can be expected to answer sooner.
+        case noneSooner
+        /// Whether worker `id` may take the copy: an array lookup, since the
+        /// balancer calls it for every worker each time it chooses.
+        case some(@Sendable (_ id: Int) -> Bool)
+    }
+
     /// Which workers a copy of a request may run on: those of the backends in
     /// rotation that none of `taken` (the workers of its other copies)
-    /// belongs to; `nil` when there are none. Worked out once, so the
-    /// balancer's calls (one per worker each time it chooses) are an array lookup.
-    func spareWorkers(awayFrom taken: [Int]) -> (@Sendable (Int) -> Bool)? {
-        let allowed = state.withLock { state -> [Bool] in
+    /// belongs to and, with `within`, whose mean response time (when known)
+    /// is shorter than that.
+    func spareWorkers(awayFrom taken: [Int], answeringWithin within: Duration? = nil) -> SpareWorkers {
+        let (spare, sooner) = state.withLock { state -> (Bool, [Bool]) in
             func backend(_ worker: Int) -> BackendEntry? {
                 state.workers[worker].flatMap { state.index(of: $0.backend) }.map { state.backends[$0] }
             }
             let takenBackends = Set(taken.compactMap { backend($0)?.number })
             let now = ContinuousClock.now
-            var allowed = Array(repeating: false, count: (state.workers.keys.max() ?? -1) + 1)
-            for id in state.workers.keys {
-                if let entry = backend(id), !takenBackends.contains(entry.number), entry.inRotation(now: now) {
-                    allowed[id] = true
+            var spare = false
+            var sooner: [Int: Bool] = [:]
+            for entry in state.backends where !takenBackends.contains(entry.number) && entry.inRotation(now: now) {
+                spare = true
+                if let within, let mean = entry.responseTimes.expectedWait(after: .zero) {
+                    sooner[entry.number] = mean < within
+                } else {
+                    sooner[entry.number] = true
                 }
             }
-            return allowed
+            var allowed = Array(repeating: false, count: (state.workers.keys.max() ?? -1) + 1)
+            for id in state.workers.keys {
+                if let entry = backend(id), sooner[entry.number] == true { allowed[id] = true }
+            }
+            return (spare, allowed)
         }
-        guard allowed.contains(true) else { return nil }
-        return { allowed.indices.contains($0) && allowed[$0] }
+        guard spare else { return .none }
+        guard sooner.contains(true) else { return .noneSooner }
+        return .some { sooner.indices.contains($0) && sooner[$0] }
+    }
+
+    /// The response times of worker `id`'s backend.
+    func responseTimes(ofWorker id: Int) -> ResponseTimes? {
+        state.withLock { $0.workers[id]?.responseTimes }
     }
 
     /// The operation a worker runs: forward over its own connection, count the
@@ -537,18 +570,21 @@ public final class UpstreamPool: Service, Sendable {
         guard names.reserve(backend.name) else { throw ChangeError.nameTaken(backend.name) }
         let number = state.withLock { $0.takeNumber() }
         var workers: [Int] = []
+        let responseTimes = ResponseTimes()
         for _ in 0..<configuration.connections {
             let id = await balancer.addWorker(down: true, group: number)
             let connection = UpstreamConnection(backend: backend, configuration: upstreamConfiguration, eventLoop: eventLoopGroup.next())
-            state.withLock { $0.workers[id] = WorkerEntry(backend: backend.name, connection: connection) }
+            state.withLock {
+                $0.workers[id] = WorkerEntry(backend: backend.name, connection: connection, responseTimes: responseTimes)
+            }
             workers.append(id)
         }
         let checker = makeChecker(for: backend)
         let passive = PassiveHealth(maxFailures: self.configuration.maxFails, coolDown: .milliseconds(self.configuration.failTimeoutMilliseconds))
         let start = state.withLock { state -> Bool in
             state.append(
-                backend, number: number, connections: configuration.connections, workerIDs: workers, passive: passive,
-                checker: checker)
+                backend, number: number, connections: configuration.connections, workerIDs: workers,
+                responseTimes: responseTimes, passive: passive, checker: checker)
             return state.running && !state.stopped
         }
         if start, let checker { startChecking(checker) }

@@ -18,6 +18,7 @@ private struct HedgeFigures: Equatable, CustomStringConvertible {
     var losers = 0
     var skipped = 0
     var overBudget = 0
+    var declined = 0
     var waiting = 0
     var pending: [Int] = []
     var retries: [Int] = []
@@ -35,6 +36,7 @@ private struct HedgeFigures: Equatable, CustomStringConvertible {
             losers: hedging["cancelled_losers"] as? Int ?? -1,
             skipped: hedging["skipped"] as? Int ?? -1,
             overBudget: hedging["over_budget"] as? Int ?? -1,
+            declined: hedging["declined"] as? Int ?? -1,
             waiting: hedging["waiting_copies"] as? Int ?? -1,
             pending: workers.map { $0["pending"] as? Int ?? -1 },
             retries: backends.map { $0["retries"] as? Int ?? -1 }
@@ -43,7 +45,7 @@ private struct HedgeFigures: Equatable, CustomStringConvertible {
 
     var description: String {
         "hedged \(hedged) copies \(copies) wins \(wins) losers \(losers) skipped \(skipped) over budget \(overBudget) "
-            + "waiting \(waiting) pending \(pending) retries \(retries)"
+            + "declined \(declined) waiting \(waiting) pending \(pending) retries \(retries)"
     }
 }
 
@@ -92,6 +94,53 @@ struct HedgingTests {
                 "the loser's connection was closed")
             #expect(slow.requestsReceived == 1 && fast.requestsReceived == 1, "one request each, no retry")
         }
+    }
+
+    @Test("no timed copy for a request its backend can be expected to answer within another delay")
+    func copyDeclinedWhenTheBackendAnswersSoon() async throws {
+        // Both backends always answer in 400 ms; copies are due after 250 ms. Once
+        // both have answered, a request that has waited 250 ms has about 150 ms
+        // left: a copy could not answer sooner than that, so none is sent.
+        let first = try await UpstreamTestBackend.start(responseDelay: .milliseconds(400))
+        let second = try await UpstreamTestBackend.start(responseDelay: .milliseconds(400))
+        defer { Task { await first.stop(); await second.stop() } }
+        try await withProxy([first.port, second.port], { $0.upstreamHedgeAfterMilliseconds = 250 }) { server, _ in
+            // Until each backend has answered, nothing is known of it: copies may go.
+            for _ in 0..<4 { #expect(try await request(server.url("/delayed")).status == 200) }
+            let known = try await settled(server)
+            #expect(first.requestsReceived > 0 && second.requestsReceived > 0)
+            for _ in 0..<3 { #expect(try await request(server.url("/delayed")).status == 200) }
+            let figures = try await settled(server)
+            #expect(figures.copies == known.copies, "no copy once the wait is known: \(known) then \(figures)")
+            #expect(figures.declined >= known.declined + 3, "\(known) then \(figures)")
+            #expect(figures.pending.allSatisfy { $0 == 0 } && figures.overBudget == 0, "\(figures)")
+        }
+    }
+
+    @Test("response times: the expected further wait of a request by how long it has waited, following the backend")
+    func responseTimesExpectedWait() throws {
+        let times = ResponseTimes()
+        #expect(times.expectedWait(after: .zero) == nil, "nothing recorded, nothing known")
+        for _ in 0..<100 {
+            times.record(.milliseconds(2))
+            times.record(.milliseconds(100))
+        }
+        // Within the buckets' precision (a quarter octave): the mean is about 51 ms.
+        let mean = try #require(times.expectedWait(after: .zero))
+        #expect(mean > .milliseconds(43) && mean < .milliseconds(60), "\(mean)")
+        // Having waited 10 ms, only the 100 ms requests are left: about 90 ms more.
+        let rest = try #require(times.expectedWait(after: .milliseconds(10)))
+        #expect(rest > .milliseconds(80) && rest < .milliseconds(110), "\(rest)")
+        #expect(times.expectedWait(after: .milliseconds(200)) == nil, "past every recorded time")
+        // A request stopped at 50 ms is recorded as 50 ms plus its expected rest.
+        let stopped = try #require(times.recordStopped(after: .milliseconds(50)))
+        #expect(stopped > .milliseconds(40) && stopped < .milliseconds(70), "\(stopped)")
+        #expect(times.recordStopped(after: .seconds(1)) == nil, "nothing known past 1 s: not recorded")
+        // Old times fade: after many fast answers the slow ones are forgotten.
+        for _ in 0..<(8 * ResponseTimes.window) { times.record(.milliseconds(2)) }
+        #expect(times.expectedWait(after: .milliseconds(10)) == nil)
+        let fast = try #require(times.expectedWait(after: .zero))
+        #expect(fast < .milliseconds(3), "\(fast)")
     }
 
     @Test("a copy still waiting for a worker does not hold up the answer when the first copy fails")
