@@ -67,7 +67,9 @@ public actor Balancer {
     /// The priority of the task that called `run()`, given to the worker tasks
     /// and timers, so the balance loop and its workers are scheduled alike.
     private var priority: TaskPriority?
-    /// Load held against groups (``holdLoad(ofGroupOf:until:)``), each until its deadline.
+    /// Load held against groups (``holdLoad(ofGroupOf:until:)``), each until
+    /// its deadline; given back at the start of the first balance pass after
+    /// it, before anything is dispatched, so it needs no timer.
     private var holds: [(group: Int, until: ContinuousClock.Instant)] = []
     private var expiryTimer: Task<Void, Never>?
     /// When `expiryTimer` fires.
@@ -299,6 +301,7 @@ public actor Balancer {
     /// One pass of the talk's `select`: completions first (they free room), then
     /// control, cancellations, the backlog, and new work last (FIFO).
     private func handle(_ events: Inbox.Events) {
+        if !holds.isEmpty { releaseHolds(until: .now) }
         for done in events.done { completed(done) }
         for event in events.control { control(event) }
         for request in events.cancelled { cancel(request) }
@@ -740,7 +743,6 @@ public actor Balancer {
                 finish(head, with: .queueTimeout)
             }
             endWaiting(with: .busy) { $0.deadline.unsafelyUnwrapped <= now }
-            releaseHolds(until: now)
             armExpiryTimer()
         case .shutdown(let deadline):
             guard stage == .running else { return }
@@ -763,6 +765,10 @@ public actor Balancer {
             }
         case .exited:
             liveTasks -= 1
+        case .hold(let id, let deadline):
+            guard stage != .stopped, pool[id] != nil, let group = pool.group(of: id), deadline > .now else { return }
+            pool.addGroupLoad(1, to: group)
+            holds.append((group, deadline))
         }
     }
 
@@ -791,15 +797,13 @@ public actor Balancer {
         stage = .stopped
     }
 
-    /// Arms the timer for the earliest deadline of the backlog's head, the
-    /// waiting restricted requests and the held loads, unless it is armed for
-    /// one no later.
+    /// Arms the timer for the earliest deadline of the backlog's head and the
+    /// waiting restricted requests, unless it is armed for one no later.
     private func armExpiryTimer() {
         var next = backlog.first?.deadline
         for request in waiting {
             if let deadline = request.deadline, next.map({ deadline < $0 }) ?? true { next = deadline }
         }
-        for hold in holds where next.map({ hold.until < $0 }) ?? true { next = hold.until }
         guard let deadline = next else { return }
         if expiryTimer != nil, let armed = expiryDeadline, armed <= deadline { return }
         expiryTimer?.cancel()
@@ -885,12 +889,11 @@ public actor Balancer {
     ///
     /// Only the choice between workers of different groups sees it: no
     /// worker's `pending` changes. Does nothing for a worker without a group
-    /// or not in the pool, or once the balancer has stopped.
-    public func holdLoad(ofGroupOf id: Int, until deadline: ContinuousClock.Instant) {
-        guard stage != .stopped, pool[id] != nil, let group = pool.group(of: id), deadline > .now else { return }
-        pool.addGroupLoad(1, to: group)
-        holds.append((group, deadline))
-        armExpiryTimer()
+    /// or not in the pool, or once the balancer has stopped. It takes effect
+    /// in the next balance pass: called by an operation before it returns, no
+    /// later than that request's completion.
+    public nonisolated func holdLoad(ofGroupOf id: Int, until deadline: ContinuousClock.Instant) {
+        inbox.control(.hold(worker: id, until: deadline))
     }
 
     /// Gives back the held loads whose deadline is `now` or earlier.

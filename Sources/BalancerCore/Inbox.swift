@@ -48,6 +48,8 @@ final class Inbox: Sendable {
         case retired(Worker)
         /// The worker's task has ended because its channel was closed.
         case exited(Worker)
+        /// Hold one request of load against the group of worker `worker` until the instant.
+        case hold(worker: Int, until: ContinuousClock.Instant)
     }
 
     private struct State {

@@ -129,7 +129,9 @@ struct DispatchTests {
         // Two backends with two one-request connections each: workers 0, 1 and 2, 3.
         let balancer = Balancer(configuration: .init(workers: 4, capacity: 1, backlog: 8), groups: [0, 0, 1, 1])
         try await withRunning(balancer) { balancer in
-            await balancer.holdLoad(ofGroupOf: 1, until: .now + .milliseconds(300))
+            // Long enough for the four dispatches below on a busy machine.
+            let deadline = ContinuousClock.now + .seconds(3)
+            balancer.holdLoad(ofGroupOf: 1, until: deadline)
             var ran: [Int] = []
             for n in 1...4 {
                 ran.append(try await balancer.submitWithReceipt { 0 }.worker)
@@ -137,8 +139,8 @@ struct DispatchTests {
             }
             #expect(ran == [2, 3, 2, 3], "group 0 holds a request no worker has")
             #expect(await balancer.stats().workers.allSatisfy { $0.pending == 0 }, "no worker's pending changed")
-            // After the deadline (the balancer's timer gives it back), group 0 comes first again.
-            try await Task.sleep(for: .milliseconds(300))
+            // After the deadline (the next balance pass gives it back), group 0 comes first again.
+            try await Task.sleep(until: deadline, clock: .continuous)
             var worker = 2
             for n in 5...104 where worker >= 2 {
                 if n > 5 { try await Task.sleep(for: .milliseconds(50)) }

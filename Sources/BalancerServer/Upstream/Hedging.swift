@@ -242,7 +242,7 @@ final class QuantileEstimate: Sendable {
 /// One backend's recent response times (from sending a request to its
 /// response head), for the one question hedging asks of a request that has
 /// waited `t` for its head: how much longer can it be expected to wait? That
-/// is the mean residual life, E[T - t | T > t] over the recorded times.
+/// is the mean residual life, E[T - t | T > t].
 ///
 /// A copy is worth its cost only where that wait is long: when the backend
 /// usually answers within another delay, a copy sent now would arrive about
@@ -251,12 +251,15 @@ final class QuantileEstimate: Sendable {
 /// (no estimate), is copied. A backend's mean (the wait at `t` = 0) also
 /// tells where a copy can be expected to answer sooner.
 ///
-/// Kept as a histogram in quarter-octave buckets (each about 19% wider than
-/// the one before), halved every ``window`` samples so it follows the backend
-/// as it changes. A request stopped before its head (a hedge's loser) only
-/// says its time was longer than its wait: it is recorded as its wait plus
-/// the expected rest, once there is an estimate, so cutting slow requests
-/// short does not make their backend look fast.
+/// A request stopped before its head (a hedge's loser) says only that its
+/// time was longer than its wait: it is kept as censored, and the estimate
+/// is Kaplan-Meier's, so cutting a slow backend's requests short does not
+/// make it look fast. What lies past the last time recorded is counted as
+/// ending there: with a heavily cut tail the wait is a lower bound.
+///
+/// Kept as histograms in quarter-octave buckets (each about 19% wider than
+/// the one before), halved every ``window`` samples so they follow the
+/// backend as it changes.
 final class ResponseTimes: Sendable {
     /// Samples between two halvings of every count.
     static let window = 1024
@@ -264,15 +267,28 @@ final class ResponseTimes: Sendable {
     private static let bucketCount = 120
 
     private struct Histogram {
-        var counts = [Int](repeating: 0, count: ResponseTimes.bucketCount)
+        /// Requests whose head came, by the bucket of their time.
+        var heads = [Int](repeating: 0, count: ResponseTimes.bucketCount)
+        /// Requests stopped before their head, by the bucket of their wait.
+        var stops = [Int](repeating: 0, count: ResponseTimes.bucketCount)
         var total = 0
+
+        mutating func add(_ bucket: Int, stopped: Bool) {
+            if stopped { stops[bucket] += 1 } else { heads[bucket] += 1 }
+            total += 1
+            guard total >= ResponseTimes.window else { return }
+            total = 0
+            for index in heads.indices {
+                heads[index] /= 2
+                stops[index] /= 2
+                total += heads[index] + stops[index]
+            }
+        }
     }
 
     private let histogram = Mutex(Histogram())
 
     init() {}
-
-    private static func microseconds(_ duration: Duration) -> Double { max(duration / .microseconds(1), 0) }
 
     /// Bucket 4e + q holds [2^e (1 + q/4), 2^e (1 + (q + 1)/4)) µs; times
     /// under 4 µs share the first.
@@ -291,43 +307,50 @@ final class ResponseTimes: Sendable {
     /// A response head arrived `time` after its request was sent.
     func record(_ time: Duration) {
         let bucket = Self.bucket(time)
-        histogram.withLock { histogram in
-            histogram.counts[bucket] += 1
-            histogram.total += 1
-            guard histogram.total >= Self.window else { return }
-            histogram.total = 0
-            for index in histogram.counts.indices {
-                histogram.counts[index] /= 2
-                histogram.total += histogram.counts[index]
-            }
-        }
+        histogram.withLock { $0.add(bucket, stopped: false) }
     }
 
     /// A request was stopped `waited` after it was sent, before its head.
-    /// Returns how much longer it could be expected to have taken, as recorded.
+    /// Returns how much longer it could be expected to have taken.
     @discardableResult
     func recordStopped(after waited: Duration) -> Duration? {
-        guard let rest = expectedWait(after: waited) else { return nil }
-        record(waited + rest)
+        let rest = expectedWait(after: waited)
+        let bucket = Self.bucket(waited)
+        histogram.withLock { $0.add(bucket, stopped: true) }
         return rest
     }
 
     /// How much longer a request that has waited `waited` can be expected to
-    /// wait; `nil` when no recorded time is longer (nothing is known).
+    /// wait; `nil` when nothing is recorded past `waited`.
     func expectedWait(after waited: Duration) -> Duration? {
-        let start = Self.bucket(waited)
-        let elapsed = Self.microseconds(waited)
-        let (sum, count) = histogram.withLock { histogram -> (Double, Int) in
-            var (sum, count) = (0.0, 0)
-            for bucket in start..<Self.bucketCount where histogram.counts[bucket] > 0 {
-                let middle = Self.middle(bucket)
-                guard middle > elapsed else { continue }
-                sum += (middle - elapsed) * Double(histogram.counts[bucket])
-                count += histogram.counts[bucket]
+        let first = Self.bucket(waited)
+        let elapsed = max(waited / .microseconds(1), 0)
+        let microseconds: Double? = histogram.withLock { histogram in
+            // The buckets past `waited`, and how many requests reached each.
+            let buckets = (first..<Self.bucketCount).filter { Self.middle($0) > elapsed }
+            var atRisk = [Int](repeating: 0, count: buckets.count)
+            var reached = 0
+            for (index, bucket) in buckets.enumerated().reversed() {
+                reached += histogram.heads[bucket] + histogram.stops[bucket]
+                atRisk[index] = reached
             }
-            return (sum, count)
+            guard reached > 0 else { return nil }
+            // Kaplan-Meier: the share still waiting falls at each bucket by its heads over those at risk.
+            var waiting = 1.0
+            var mean = 0.0
+            var last = elapsed
+            for (index, bucket) in buckets.enumerated() where atRisk[index] > 0 {
+                let heads = histogram.heads[bucket]
+                if heads > 0 {
+                    let ending = waiting * Double(heads) / Double(atRisk[index])
+                    mean += ending * (Self.middle(bucket) - elapsed)
+                    waiting -= ending
+                }
+                if heads + histogram.stops[bucket] > 0 { last = Self.middle(bucket) }
+            }
+            return mean + waiting * (last - elapsed)
         }
-        return count > 0 ? .microseconds(sum / Double(count)) : nil
+        return microseconds.map { .microseconds($0) }
     }
 }
 
@@ -997,7 +1020,7 @@ extension UpstreamPool {
                 // Cut off by another copy's win: its backend still works on it.
                 if let winner = race.winner, winner != id, let rest = timing?.stopped() {
                     let longest = Duration.milliseconds(self.configuration.responseTimeoutMilliseconds)
-                    await self.balancer.holdLoad(ofGroupOf: worker, until: .now + min(rest, longest))
+                    self.balancer.holdLoad(ofGroupOf: worker, until: .now + min(rest, longest))
                 }
                 throw error
             }

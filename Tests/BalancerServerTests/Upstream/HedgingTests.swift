@@ -132,10 +132,15 @@ struct HedgingTests {
         let rest = try #require(times.expectedWait(after: .milliseconds(10)))
         #expect(rest > .milliseconds(80) && rest < .milliseconds(110), "\(rest)")
         #expect(times.expectedWait(after: .milliseconds(200)) == nil, "past every recorded time")
-        // A request stopped at 50 ms is recorded as 50 ms plus its expected rest.
+        // Requests stopped at 20 ms (hedges' losers) say only that they took longer:
+        // the tail is still the 100 ms answers (Kaplan-Meier), not cut at 20 ms.
+        for _ in 0..<100 { times.recordStopped(after: .milliseconds(20)) }
+        let censored = try #require(times.expectedWait(after: .milliseconds(10)))
+        #expect(censored > .milliseconds(80) && censored < .milliseconds(110), "\(censored)")
+        // A stop returns the rest its request could be expected to have taken.
         let stopped = try #require(times.recordStopped(after: .milliseconds(50)))
         #expect(stopped > .milliseconds(40) && stopped < .milliseconds(70), "\(stopped)")
-        #expect(times.recordStopped(after: .seconds(1)) == nil, "nothing known past 1 s: not recorded")
+        #expect(times.recordStopped(after: .seconds(1)) == nil, "nothing known past 1 s")
         // Old times fade: after many fast answers the slow ones are forgotten.
         for _ in 0..<(8 * ResponseTimes.window) { times.record(.milliseconds(2)) }
         #expect(times.expectedWait(after: .milliseconds(10)) == nil)
