@@ -674,7 +674,22 @@ final class HedgeRace: Sendable {
 /// The client as one copy sees it: the response head goes through only for
 /// the copy that wins the race; a later one throws, which closes its upstream
 /// connection (the forwarder treats it as a client that went away).
-struct HedgeCopyWriter<Client: ClientResponseWriting>: ClientResponseWriting {
+/// A client writer that only stands between the response head and `client`:
+/// the body, the end and flushes go straight through.
+protocol HeadInterceptingWriter: ClientResponseWriting {
+    associatedtype Client: ClientResponseWriting
+    var client: Client { get }
+}
+
+extension HeadInterceptingWriter {
+    func writeBody(_ buffer: ByteBuffer) async throws { try await client.writeBody(buffer) }
+
+    func end(trailers: HTTPHeaders?) async throws { try await client.end(trailers: trailers) }
+
+    func flush() async throws { try await client.flush() }
+}
+
+struct HedgeCopyWriter<Client: ClientResponseWriting>: HeadInterceptingWriter {
     let race: HedgeRace
     let id: Int
     let client: Client
@@ -687,12 +702,6 @@ struct HedgeCopyWriter<Client: ClientResponseWriting>: ClientResponseWriting {
         guard race.claim(id) else { throw HedgeRace.Lost() }
         try await client.writeHead(head)
     }
-
-    func writeBody(_ buffer: ByteBuffer) async throws { try await client.writeBody(buffer) }
-
-    func end(trailers: HTTPHeaders?) async throws { try await client.end(trailers: trailers) }
-
-    func flush() async throws { try await client.flush() }
 }
 
 /// One copy's time to its response head, as a sample of its backend's
@@ -725,7 +734,7 @@ final class CopyTiming: Sendable {
 /// sample of the pool's response times. One per request: a hedged request's
 /// losers never write a head, and its winner's sample counts from the
 /// request's start, not from its own.
-struct HeadTimingWriter<Client: ClientResponseWriting>: ClientResponseWriting {
+struct HeadTimingWriter<Client: ClientResponseWriting>: HeadInterceptingWriter {
     let estimate: QuantileEstimate
     let start: ContinuousClock.Instant
     let client: Client
@@ -736,12 +745,6 @@ struct HeadTimingWriter<Client: ClientResponseWriting>: ClientResponseWriting {
         estimate.record(.now - start)
         try await client.writeHead(head)
     }
-
-    func writeBody(_ buffer: ByteBuffer) async throws { try await client.writeBody(buffer) }
-
-    func end(trailers: HTTPHeaders?) async throws { try await client.end(trailers: trailers) }
-
-    func flush() async throws { try await client.flush() }
 }
 
 /// Starts the timed copies of a pool's hedged requests: one task that wakes
