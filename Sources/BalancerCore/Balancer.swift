@@ -68,9 +68,11 @@ public actor Balancer {
     /// and timers, so the balance loop and its workers are scheduled alike.
     private var priority: TaskPriority?
     /// Load held against groups (``holdLoad(ofGroupOf:until:)``), each until
-    /// its deadline; given back at the start of the first balance pass after
-    /// it, before anything is dispatched, so it needs no timer.
+    /// its deadline; given back by the first dispatch after it (see
+    /// ``releaseHolds()``), so it needs no timer.
     private var holds: [(group: Int, until: ContinuousClock.Instant)] = []
+    /// The earliest deadline in `holds`: before it, nothing is scanned.
+    private var firstHoldEnds: ContinuousClock.Instant?
     private var expiryTimer: Task<Void, Never>?
     /// When `expiryTimer` fires.
     private var expiryDeadline: ContinuousClock.Instant?
@@ -301,7 +303,7 @@ public actor Balancer {
     /// One pass of the talk's `select`: completions first (they free room), then
     /// control, cancellations, the backlog, and new work last (FIFO).
     private func handle(_ events: Inbox.Events) {
-        if !holds.isEmpty { releaseHolds(until: .now) }
+        releaseHolds()
         for done in events.done { completed(done) }
         for event in events.control { control(event) }
         for request in events.cancelled { cancel(request) }
@@ -617,6 +619,7 @@ public actor Balancer {
     /// Moves waiting restricted requests, then backlog requests, oldest first,
     /// to workers with room.
     private func drainBacklog() {
+        releaseHolds()
         if !waiting.isEmpty { placeWaiting() }
         while !backlog.isEmpty, let position = choose() {
             place(backlog.removeFirst(), toWorkerAt: position)
@@ -769,6 +772,7 @@ public actor Balancer {
             guard stage != .stopped, pool[id] != nil, let group = pool.group(of: id), deadline > .now else { return }
             pool.addGroupLoad(1, to: group)
             holds.append((group, deadline))
+            firstHoldEnds = min(firstHoldEnds ?? deadline, deadline)
         }
     }
 
@@ -896,10 +900,19 @@ public actor Balancer {
         inbox.control(.hold(worker: id, until: deadline))
     }
 
-    /// Gives back the held loads whose deadline is `now` or earlier.
-    private func releaseHolds(until now: ContinuousClock.Instant) {
+    /// Gives back the held loads whose deadline has passed. Called where a
+    /// balance pass starts and before the backlog is drained, so no choice
+    /// between workers sees a load that has ended.
+    private func releaseHolds() {
+        guard let first = firstHoldEnds else { return }
+        let now = ContinuousClock.now
+        guard first <= now else { return }
+        firstHoldEnds = nil
         holds.removeAll { hold in
-            guard hold.until <= now else { return false }
+            guard hold.until <= now else {
+                firstHoldEnds = min(firstHoldEnds ?? hold.until, hold.until)
+                return false
+            }
             pool.addGroupLoad(-1, to: hold.group)
             return true
         }

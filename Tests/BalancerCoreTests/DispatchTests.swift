@@ -145,6 +145,10 @@ struct DispatchTests {
             }
             #expect(ran == [2, 3, 2, 3], "group 0 holds a request no worker has")
             #expect(await balancer.stats().workers.allSatisfy { $0.pending == 0 }, "no worker's pending changed")
+            // The group's workers leave while it holds load: nothing breaks, the others serve.
+            #expect(await balancer.removeWorker(0))
+            #expect(await balancer.removeWorker(1))
+            #expect(try await balancer.submitWithReceipt { 0 }.worker >= 2)
             #expect(await balancer.poolIsValid())
         }
     }

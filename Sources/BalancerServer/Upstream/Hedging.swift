@@ -254,8 +254,11 @@ final class QuantileEstimate: Sendable {
 /// A request stopped before its head (a hedge's loser) says only that its
 /// time was longer than its wait: it is kept as censored, and the estimate
 /// is Kaplan-Meier's, so cutting a slow backend's requests short does not
-/// make it look fast. What lies past the last time recorded is counted as
-/// ending there: with a heavily cut tail the wait is a lower bound.
+/// make it look fast. When more than half of what is left past a wait is
+/// censored beyond the last head, the wait is unknown (`nil`): a backend
+/// whose every slow request is cut is not taken for a fast one. Otherwise
+/// what lies past the last head counts as ending at the last time recorded
+/// (a lower bound for that part, as Efron closes the estimate).
 ///
 /// Kept as histograms in quarter-octave buckets (each about 19% wider than
 /// the one before), halved every ``window`` samples so they follow the
@@ -311,7 +314,8 @@ final class ResponseTimes: Sendable {
     }
 
     /// A request was stopped `waited` after it was sent, before its head.
-    /// Returns how much longer it could be expected to have taken.
+    /// Returns how much longer it could be expected to have taken (`nil`:
+    /// unknown).
     @discardableResult
     func recordStopped(after waited: Duration) -> Duration? {
         let rest = expectedWait(after: waited)
@@ -348,6 +352,8 @@ final class ResponseTimes: Sendable {
                 }
                 if heads + histogram.stops[bucket] > 0 { last = Self.middle(bucket) }
             }
+            // Left waiting past the last head: only stops were seen there.
+            guard waiting <= 0.5 else { return nil }
             return mean + waiting * (last - elapsed)
         }
         return microseconds.map { .microseconds($0) }
@@ -722,10 +728,14 @@ final class CopyTiming: Sendable {
 
     /// The copy was stopped (another won); counts only if its head had not
     /// arrived. Returns how much longer its backend can be expected to work
-    /// on it (nil: unknown, or the head had arrived).
+    /// on it: as the response times say, or when they cannot, as long again
+    /// as it has waited; `nil` when the head had arrived. (A copy stopped
+    /// before its request went out, between its start and another's win, is
+    /// rare and counted as stopped too.)
     func stopped() -> Duration? {
         guard !arrived.load(ordering: .relaxed) else { return nil }
-        return times.recordStopped(after: .now - sent)
+        let waited = ContinuousClock.now - sent
+        return times.recordStopped(after: waited) ?? waited
     }
 }
 
@@ -956,7 +966,7 @@ extension UpstreamPool {
         // No other backend in rotation (or a pool of one): no copy, and none later.
         let eligible: @Sendable (Int) -> Bool
         switch spareWorkers(awayFrom: race.workers, answeringWithin: within) {
-        case .none:
+        case .noOtherBackend:
             hedgeBudget.refund()
             race.stopTimed()
             return
@@ -964,7 +974,7 @@ extension UpstreamPool {
             hedgeBudget.refund()
             decline(race)
             return
-        case .some(let workers):
+        case .workers(let workers):
             eligible = workers
         }
         // It waits no longer than the request's own copy may wait for its head.

@@ -78,7 +78,7 @@ public final class UpstreamPool: Service, Sendable {
         var workerIDs: [Int]
         /// Recorded by hedged requests only (see ``ResponseTimes``); its
         /// workers' entries share it.
-        var responseTimes = ResponseTimes()
+        let responseTimes: ResponseTimes
         var admin = AdminState.ready
         var passive: PassiveHealth
         /// What the active health check says (up when there is none).
@@ -319,12 +319,12 @@ public final class UpstreamPool: Service, Sendable {
     /// Which workers a copy of a request may run on.
     enum SpareWorkers {
         /// No backend in rotation is free of the request's other copies.
-        case none
+        case noOtherBackend
         /// There are such backends, but none can be expected to answer sooner.
         case noneSooner
         /// Whether worker `id` may take the copy: an array lookup, since the
         /// balancer calls it for every worker each time it chooses.
-        case some(@Sendable (_ id: Int) -> Bool)
+        case workers(@Sendable (_ id: Int) -> Bool)
     }
 
     /// Which workers a copy of a request may run on: those of the backends in
@@ -332,26 +332,25 @@ public final class UpstreamPool: Service, Sendable {
     /// belongs to and, with `within`, whose mean response time (when known)
     /// is shorter than that.
     func spareWorkers(awayFrom taken: [Int], answeringWithin within: Duration? = nil) -> SpareWorkers {
-        // Entries are read in place: copying one (a dozen fields) per worker
-        // was most of the cost of starting a copy.
-        let (spare, allowed) = state.withLock { state -> (Bool, [Bool]) in
+        // Entries are read in place (copying one, a dozen fields, per worker
+        // was most of the cost of starting a copy), and the estimates are
+        // worked out after the lock.
+        let (candidates, workerCount) = state.withLock { state -> ([(ResponseTimes, [Int])], Int) in
             let takenBackends = taken.compactMap { worker in state.workers[worker].flatMap { state.index(of: $0.backend) } }
             let now = ContinuousClock.now
-            var spare = false
-            var allowed = Array(repeating: false, count: (state.workers.keys.max() ?? -1) + 1)
-            for index in state.backends.indices where !takenBackends.contains(index) {
-                guard state.backends[index].inRotation(now: now) else { continue }
-                spare = true
-                if let within, let mean = state.backends[index].responseTimes.expectedWait(after: .zero), mean >= within {
-                    continue
-                }
-                for id in state.backends[index].workerIDs where allowed.indices.contains(id) { allowed[id] = true }
-            }
-            return (spare, allowed)
+            let candidates = state.backends.indices.filter { index in
+                !takenBackends.contains(index) && state.backends[index].inRotation(now: now)
+            }.map { (state.backends[$0].responseTimes, state.backends[$0].workerIDs) }
+            return (candidates, (state.workers.keys.max() ?? -1) + 1)
         }
-        guard spare else { return .none }
+        guard !candidates.isEmpty else { return .noOtherBackend }
+        var allowed = Array(repeating: false, count: workerCount)
+        for (times, workers) in candidates {
+            if let within, let mean = times.expectedWait(after: .zero), mean >= within { continue }
+            for id in workers where allowed.indices.contains(id) { allowed[id] = true }
+        }
         guard allowed.contains(true) else { return .noneSooner }
-        return .some { allowed.indices.contains($0) && allowed[$0] }
+        return .workers { [allowed] in allowed.indices.contains($0) && allowed[$0] }
     }
 
     /// The response times of worker `id`'s backend.

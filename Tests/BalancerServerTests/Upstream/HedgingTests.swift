@@ -98,17 +98,21 @@ struct HedgingTests {
 
     @Test("no timed copy for a request its backend can be expected to answer within another delay")
     func copyDeclinedWhenTheBackendAnswersSoon() async throws {
-        // Both backends always answer in 400 ms; copies are due after 250 ms. Once
-        // both have answered, a request that has waited 250 ms has about 150 ms
+        // Both backends always answer in 1 s; copies are due after 700 ms. Once
+        // both have answered, a request that has waited 700 ms has about 300 ms
         // left: a copy could not answer sooner than that, so none is sent.
-        let first = try await UpstreamTestBackend.start(responseDelay: .milliseconds(400))
-        let second = try await UpstreamTestBackend.start(responseDelay: .milliseconds(400))
+        let first = try await UpstreamTestBackend.start(responseDelay: .seconds(1))
+        let second = try await UpstreamTestBackend.start(responseDelay: .seconds(1))
         defer { Task { await first.stop(); await second.stop() } }
-        try await withProxy([first.port, second.port], { $0.upstreamHedgeAfterMilliseconds = 250 }) { server, _ in
-            // Until each backend has answered, nothing is known of it: copies may go.
-            for _ in 0..<4 { #expect(try await request(server.url("/delayed")).status == 200) }
+        try await withProxy([first.port, second.port], { $0.upstreamHedgeAfterMilliseconds = 700 }) { server, _ in
+            // Until a backend has answered, nothing is known of it: copies may go. Two
+            // requests at once go to both backends (the second to the idle one), and
+            // each answers its own before the other's copy can.
+            async let one = request(server.url("/delayed"))
+            async let two = request(server.url("/delayed"))
+            let answers = try await [one, two]
+            #expect(Set(answers.map(\.text)) == ["port \(first.port)", "port \(second.port)"])
             let known = try await settled(server)
-            #expect(first.requestsReceived > 0 && second.requestsReceived > 0)
             for _ in 0..<3 { #expect(try await request(server.url("/delayed")).status == 200) }
             let figures = try await settled(server)
             #expect(figures.copies == known.copies, "no copy once the wait is known: \(known) then \(figures)")
@@ -141,6 +145,12 @@ struct HedgingTests {
         let stopped = try #require(times.recordStopped(after: .milliseconds(50)))
         #expect(stopped > .milliseconds(40) && stopped < .milliseconds(70), "\(stopped)")
         #expect(times.recordStopped(after: .seconds(1)) == nil, "nothing known past 1 s")
+        // A backend whose slow requests are all cut short: its tail is unknown, not short.
+        let cut = ResponseTimes()
+        for _ in 0..<40 { cut.record(.milliseconds(2)) }
+        for _ in 0..<60 { cut.recordStopped(after: .milliseconds(12)) }
+        #expect(cut.expectedWait(after: .milliseconds(10)) == nil, "only stops past 10 ms")
+        #expect(cut.expectedWait(after: .zero) == nil, "mostly unknown: not taken for a fast backend")
         // Old times fade: after many fast answers the slow ones are forgotten.
         for _ in 0..<(8 * ResponseTimes.window) { times.record(.milliseconds(2)) }
         #expect(times.expectedWait(after: .milliseconds(10)) == nil)
