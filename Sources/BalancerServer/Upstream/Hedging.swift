@@ -417,16 +417,23 @@ final class HedgeRace: Sendable {
         let error: (any Error)?
     }
 
-    /// How a live copy is stopped when another wins: the first copy and
-    /// retries run in the request's own task, the others in tasks of their own.
+    /// How a live copy is stopped when another wins. Before it is on a
+    /// worker, through the balancer: the first copy and retries run in the
+    /// request's own task (a ``Cancellation``), the others in tasks of their
+    /// own. Once on a worker, by closing its upstream connection
+    /// (``ForwardStop``): its operation then ends as a failure, without the
+    /// cancellation that would make the balancer retire the worker's task
+    /// and start another.
     private enum Stopper {
         case cancellation(Cancellation)
         case task(Task<Void, Never>)
+        case forward(ForwardStop)
 
         func stop() {
             switch self {
             case .cancellation(let cancellation): cancellation.cancel()
             case .task(let task): task.cancel()
+            case .forward(let forward): forward.stop()
             }
         }
     }
@@ -520,12 +527,14 @@ final class HedgeRace: Sendable {
     }
 
     /// Copy `id` is on worker `worker` (of a backend with response times
-    /// `times`) and about to send; false (send nothing) when another copy has
-    /// already won. Launches the next copy asked for at once, if any.
-    func started(_ id: Int, worker: Int, times: ResponseTimes?, spare: Bool) -> Bool {
+    /// `times`) and about to send, stopped from now on by `stop`; false (send
+    /// nothing) when another copy has already won. Launches the next copy
+    /// asked for at once, if any.
+    func started(_ id: Int, worker: Int, times: ResponseTimes?, spare: Bool, stop: ForwardStop) -> Bool {
         let (go, more): (Bool, Bool) = state.withLock { state in
             state.unstarted.removeAll { $0 == id }
             guard !state.closed, state.winner == nil, !state.withdrawn.contains(id) else { return (false, false) }
+            if let index = state.live.firstIndex(where: { $0.id == id }) { state.live[index].stopper = .forward(stop) }
             if !spare { state.tryStart = .now }
             let now = ContinuousClock.now
             state.startedIDs.append(id)
@@ -729,9 +738,7 @@ final class CopyTiming: Sendable {
     /// The copy was stopped (another won); counts only if its head had not
     /// arrived. Returns how much longer its backend can be expected to work
     /// on it: as the response times say, or when they cannot, as long again
-    /// as it has waited; `nil` when the head had arrived. (A copy stopped
-    /// before its request went out, between its start and another's win, is
-    /// rare and counted as stopped too.)
+    /// as it has waited; `nil` when the head had arrived.
     func stopped() -> Duration? {
         guard !arrived.load(ordering: .relaxed) else { return nil }
         let waited = ContinuousClock.now - sent
@@ -1024,14 +1031,15 @@ extension UpstreamPool {
     ) -> @Sendable (Int) async throws -> ForwardResult where Body.Element == ByteBuffer {
         { worker in
             let times = self.responseTimes(ofWorker: worker)
-            guard race.started(id, worker: worker, times: times, spare: spare) else { throw HedgeRace.Lost() }
+            let stop = ForwardStop()
+            guard race.started(id, worker: worker, times: times, spare: spare, stop: stop) else { throw HedgeRace.Lost() }
             let timing = times.map { CopyTiming($0) }
             let copy = HedgeCopyWriter(race: race, id: id, client: writer, timing: timing)
             do {
-                return try await self.forward(on: worker, head, body: body, forwarding: forwarding, to: copy)
+                return try await self.forward(on: worker, head, body: body, forwarding: forwarding, to: copy, stop: stop)
             } catch let error as UpstreamError where error.kind == .clientAborted {
-                // Cut off by another copy's win: its backend still works on it.
-                if let winner = race.winner, winner != id, let rest = timing?.stopped() {
+                // Cut off by another copy's win after it went out: its backend still works on it.
+                if let winner = race.winner, winner != id, stop.reachedConnection, let rest = timing?.stopped() {
                     let longest = Duration.milliseconds(self.configuration.responseTimeoutMilliseconds)
                     self.balancer.holdLoad(ofGroupOf: worker, until: .now + min(rest, longest))
                 }

@@ -92,13 +92,15 @@ public final class UpstreamConnection: @unchecked Sendable {
     /// so a backend that answers early or echoes as it reads does not deadlock.
     ///
     /// Cancelling the calling task (the client went away) closes the upstream
-    /// connection at once and throws ``UpstreamError/Kind/clientAborted``.
+    /// connection at once and throws ``UpstreamError/Kind/clientAborted``;
+    /// so does `stop` (from any task), without cancelling the caller.
     ///
     /// - Parameters:
     ///   - head: the client's request head as the server decoded it.
     ///   - body: the client's request body; each element is sent as it arrives.
     ///   - forwarding: the client's address, host and scheme for `X-Forwarded-*`.
     ///   - writer: receives the response head, body and end, each awaited.
+    ///   - stop: stops this forward from another task (a hedge's loser).
     /// - Returns: the final status and byte counts, for stats.
     /// - Throws: ``UpstreamError``, classified for retry (``UpstreamError/Kind/retry``)
     ///   and status (``UpstreamError/Kind/suggestedStatus``).
@@ -106,7 +108,8 @@ public final class UpstreamConnection: @unchecked Sendable {
         _ head: HTTPRequestHead,
         body: Body,
         forwarding: ForwardedFor,
-        to writer: some ProxyResponseWriter
+        to writer: some ProxyResponseWriter,
+        stop: ForwardStop? = nil
     ) async throws(UpstreamError) -> ForwardResult where Body.Element == ByteBuffer {
         acquire()
         defer { release() }
@@ -132,6 +135,10 @@ public final class UpstreamConnection: @unchecked Sendable {
         live = nil  // lent to this exchange; put back only if it ends cleanly
 
         let channel = connection.channel
+        if let stop, !stop.attach(channel) {
+            live = connection  // nothing was sent on it
+            throw stop.error(backend: backend.name)
+        }
         // Past this point the writer is an existential and only the upload is
         // generic, so a body-less exchange runs no unspecialized generic code.
         let writer: any ProxyResponseWriter = writer
@@ -155,6 +162,8 @@ public final class UpstreamConnection: @unchecked Sendable {
             return result
         case .failure(let error):
             channel.close(promise: nil)
+            // Stopped: whatever the closed connection looked like, it was not the backend's doing.
+            if let stop, stop.isStopped, error.kind != .clientAborted { throw stop.error(backend: backend.name) }
             throw error
         }
     }
@@ -554,5 +563,48 @@ extension UpstreamConnection {
 
     private func release() {
         inUse.store(false, ordering: .releasing)
+    }
+}
+
+/// Stops one ``UpstreamConnection/forward(_:body:forwarding:to:stop:)`` from
+/// another task: its connection is closed at once (or, before it is chosen,
+/// the forward sends nothing) and the forward throws
+/// ``UpstreamError/Kind/clientAborted``, which does not count against the
+/// backend. A hedged request's losers are stopped this way.
+public final class ForwardStop: Sendable {
+    private struct State {
+        var channel: (any Channel)?
+        var stopped = false
+    }
+
+    private let state = Mutex(State())
+
+    public init() {}
+
+    /// Stops the forward: now, or as soon as it has its connection.
+    public func stop() {
+        let channel: (any Channel)? = state.withLock { state in
+            state.stopped = true
+            return state.channel
+        }
+        channel?.close(promise: nil)
+    }
+
+    var isStopped: Bool { state.withLock { $0.stopped } }
+
+    /// Whether the forward got its connection (and so may have sent the request).
+    public var reachedConnection: Bool { state.withLock { $0.channel != nil } }
+
+    /// Ties the forward's connection to this stop; false when it was already stopped.
+    func attach(_ channel: any Channel) -> Bool {
+        state.withLock { state in
+            guard !state.stopped else { return false }
+            state.channel = channel
+            return true
+        }
+    }
+
+    func error(backend: String) -> UpstreamError {
+        UpstreamError(.clientAborted, backend: backend, detail: "stopped: another copy of the request answered first")
     }
 }

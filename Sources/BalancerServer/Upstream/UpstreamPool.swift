@@ -365,7 +365,8 @@ public final class UpstreamPool: Service, Sendable {
         _ head: HTTPRequestHead,
         body: Body,
         forwarding: ForwardedFor,
-        to writer: some ClientResponseWriting
+        to writer: some ClientResponseWriting,
+        stop: ForwardStop? = nil
     ) async throws -> ForwardResult where Body.Element == ByteBuffer {
         // A worker is in the heap only after its entry exists (added down,
         // marked up after), and its entry goes only after it left the balancer.
@@ -373,7 +374,7 @@ public final class UpstreamPool: Service, Sendable {
             throw UpstreamError(.closedBeforeRequestSent, backend: name, detail: "worker \(worker) has no connection")
         }
         do {
-            let result = try await connection.forward(head, body: body, forwarding: forwarding, to: writer)
+            let result = try await connection.forward(head, body: body, forwarding: forwarding, to: writer, stop: stop)
             state.withLock { state in
                 state.workers[worker]?.stats.record(result)
                 if let index = state.index(of: connection.backend.name) { state.backends[index].passive.recordSuccess() }

@@ -414,6 +414,54 @@ struct UpstreamConnectionTests {
         }
     }
 
+    @Test func aStopFromAnotherTaskClosesTheConnectionWithoutCancellingTheCaller() async throws {
+        try await withUpstreamBackend { backend in
+            let connection = try makeUpstreamConnection(to: backend)
+            _ = try await connection.forward(
+                upstreamTestRequest("/echo"), body: EmptyBody(), forwarding: ForwardedFor(clientAddress: nil),
+                to: CollectingResponseWriter())
+            // Stopped before it has its connection: nothing is sent, and the kept connection stays.
+            let early = ForwardStop()
+            early.stop()
+            do throws(UpstreamError) {
+                _ = try await connection.forward(
+                    upstreamTestRequest("/echo"), body: EmptyBody(), forwarding: ForwardedFor(clientAddress: nil),
+                    to: CollectingResponseWriter(), stop: early)
+                Issue.record("expected the stopped forward to fail")
+            } catch {
+                #expect(error.kind == .clientAborted)
+            }
+            #expect(!early.reachedConnection)
+            #expect(backend.requestsReceived == 1)
+            // Stopped mid-exchange: the connection closes at once; the caller's task is not cancelled.
+            let stop = ForwardStop()
+            let task = Task { () -> (error: UpstreamError?, cancelled: Bool) in
+                do throws(UpstreamError) {
+                    _ = try await connection.forward(
+                        upstreamTestRequest("/hang"), body: EmptyBody(), forwarding: ForwardedFor(clientAddress: nil),
+                        to: CollectingResponseWriter(), stop: stop)
+                    return (nil, Task.isCancelled)
+                } catch {
+                    return (error, Task.isCancelled)
+                }
+            }
+            #expect(try await eventually(timeout: .seconds(20)) { backend.requestsReceived == 2 })
+            let clock = ContinuousClock()
+            let started = clock.now
+            stop.stop()
+            let (error, cancelled) = await task.value
+            #expect(error?.kind == .clientAborted, "\(String(describing: error))")
+            #expect(!cancelled)
+            #expect(stop.reachedConnection)
+            #expect(clock.now - started < .seconds(5))
+            let next = try await connection.forward(
+                upstreamTestRequest("/echo"), body: EmptyBody(), forwarding: ForwardedFor(clientAddress: nil),
+                to: CollectingResponseWriter())
+            #expect(next.reusedConnection == false, "the stopped exchange's connection is not reused")
+            #expect(backend.connectionsAccepted == 2)
+        }
+    }
+
     @Test func clientThatCannotTakeTheResponseIsClientAborted() async throws {
         try await withUpstreamBackend { backend in
             let connection = try makeUpstreamConnection(to: backend)
