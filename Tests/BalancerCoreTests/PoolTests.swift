@@ -143,6 +143,17 @@ struct PoolTests {
 
     /// Makes `count` dispatches that each complete at once (pop, mark, push
     /// back) and returns the workers they went to, in order.
+    /// A pool of `groups` groups of `perGroup` idle workers each, in the heap:
+    /// workers 0..<perGroup in group 0, and so on.
+    static func groupedPool(groups: Int, perGroup: Int) -> Pool {
+        var pool = Pool()
+        for id in 0..<(groups * perGroup) {
+            pool.insert(id, group: id / perGroup)
+            pool.push(id)
+        }
+        return pool
+    }
+
     static func dispatchesCompletingAtOnce(_ count: Int, in pool: inout Pool) -> [Int] {
         (0..<count).map { _ in
             let id = pool.pop()!
@@ -167,11 +178,7 @@ struct PoolTests {
     @Test("among idle workers, the one whose group has the fewest pending comes first")
     func tiesGoToTheLeastLoadedGroup() {
         // Two backends of three connections each: workers 0-2 in group 0, 3-5 in group 1.
-        var pool = Pool()
-        for id in 0..<6 {
-            pool.insert(id, group: id / 3)
-            pool.push(id)
-        }
+        var pool = Self.groupedPool(groups: 2, perGroup: 3)
         // Worker 0 takes a request and keeps it: group 0 has one in flight.
         let first = pool.pop()!
         #expect(first == 0)
@@ -193,11 +200,7 @@ struct PoolTests {
     @Test("load held against a group passes its idle workers over until it is given back")
     func heldGroupLoadPassesTheGroupOver() {
         // Workers 0-1 in group 0, 2-3 in group 1, all idle; group 0 would come first.
-        var pool = Pool()
-        for id in 0..<4 {
-            pool.insert(id, group: id / 2)
-            pool.push(id)
-        }
+        var pool = Self.groupedPool(groups: 2, perGroup: 2)
         #expect(pool.min == 0)
         pool.addGroupLoad(1, to: 0)
         #expect(pool.groupPending(of: 1) == 1 && pool[1]?.pending == 0, "held by the group, not by a worker")
