@@ -15,7 +15,10 @@ import Synchronization
 ///   copy starts, up to `maxCopies` in all. With `afterPercentile` the delay
 ///   follows the pool's recent response times instead (Finagle's backup
 ///   requests): their `afterPercentile`th percentile, never less than `after`.
-///   Until the pool has answered once, only `after` applies.
+///   Until the pool has answered once, only `after` applies. A timed copy
+///   goes only where it can cut the wait: not while the request's backend
+///   can be expected to answer within another delay, and only to backends
+///   expected to answer sooner (``ResponseTimes``).
 /// - Asked for: `X-Balancer-Replicas: N` starts N copies at once (each as soon
 ///   as the one before it is on a worker), and no timed ones. N is capped at
 ///   `maxReplicas`; when that is 1 the header is refused with 400.
@@ -43,8 +46,10 @@ import Synchronization
 /// invalid) does not win: the others go on, and when none is left the failure
 /// is retried by the pool's usual rules. At the win the others are cancelled:
 /// a queued one is withdrawn without running, a running one has its upstream
-/// connection closed (never reused mid-response), and each worker's `pending`
-/// falls once, when its operation ends.
+/// connection closed (never reused mid-response, ``ForwardStop``), and each
+/// worker's `pending` falls once, when its operation ends. A loser cut off
+/// before its head leaves its backend's load held for the rest it can be
+/// expected to take (``Balancer/holdLoad(ofGroupOf:until:)``).
 public struct HedgePolicy: Sendable, Hashable {
     /// Start another copy after this long without a response head; `nil`: never.
     public var after: Duration?
