@@ -443,6 +443,15 @@ final class HedgeRace: Sendable {
         }
     }
 
+    /// A copy that started: on which worker, its backend's response times,
+    /// and when it was sent.
+    private struct Started {
+        let id: Int
+        let worker: Int
+        let times: ResponseTimes?
+        let at: ContinuousClock.Instant
+    }
+
     private struct State {
         /// The copy that took the client (by id), once one has.
         var winner: Int?
@@ -459,12 +468,8 @@ final class HedgeRace: Sendable {
         /// When the latest copy run by the request's task (the first, or a
         /// retry) started on its worker: its response timeout runs from then.
         var tryStart: ContinuousClock.Instant?
-        /// Ids of the copies that started, in order: a copy's rank is its place here.
-        var startedIDs: [Int] = []
-        /// Their workers, in the same order.
-        var workers: [Int] = []
-        /// Their backends' response times and when each was sent, in the same order.
-        var sent: [(times: ResponseTimes?, at: ContinuousClock.Instant)] = []
+        /// The copies that started, in order: a copy's rank is its place here.
+        var started: [Started] = []
         /// Copies on spare capacity that started.
         var hedgesStarted = 0
         /// Copies still live when another won.
@@ -499,11 +504,13 @@ final class HedgeRace: Sendable {
 
     var winner: Int? { state.withLock { $0.winner } }
     /// The winner's rank (0 for the copy that started first).
-    var winnerRank: Int? { state.withLock { state in state.winner.flatMap { state.startedIDs.firstIndex(of: $0) } } }
+    var winnerRank: Int? {
+        state.withLock { state in state.winner.flatMap { winner in state.started.firstIndex { $0.id == winner } } }
+    }
     var losersCancelled: Int { state.withLock { $0.losers } }
     var hedgesStarted: Int { state.withLock { $0.hedgesStarted } }
     /// Workers of the copies that started so far.
-    var workers: [Int] { state.withLock { $0.workers } }
+    var workers: [Int] { state.withLock { $0.started.map(\.worker) } }
 
     /// Registers a new copy and returns its id, or nil when it is too late
     /// (a copy won, or the race is closed). A copy on spare capacity goes only
@@ -542,9 +549,7 @@ final class HedgeRace: Sendable {
             if let index = state.live.firstIndex(where: { $0.id == id }) { state.live[index].stopper = .forward(stop) }
             if !spare { state.tryStart = .now }
             let now = ContinuousClock.now
-            state.startedIDs.append(id)
-            state.workers.append(worker)
-            state.sent.append((times, now))
+            state.started.append(Started(id: id, worker: worker, times: times, at: now))
             if spare { state.hedgesStarted += 1 }
             state.since = now
             guard state.copiesDue > 0 else { return (true, false) }
@@ -571,9 +576,8 @@ final class HedgeRace: Sendable {
     /// `now`: the least expected wait of its live copies that started, each
     /// by its backend's response times; `nil` when nothing is known of one.
     func expectedWait(at now: ContinuousClock.Instant) -> Duration? {
-        let sent: [(times: ResponseTimes?, at: ContinuousClock.Instant)] = state.withLock { state in
-            state.startedIDs.indices.filter { index in state.live.contains { $0.id == state.startedIDs[index] } }
-                .map { state.sent[$0] }
+        let sent: [Started] = state.withLock { state in
+            state.started.filter { copy in state.live.contains { $0.id == copy.id } }
         }
         var least: Duration?
         for copy in sent {
@@ -619,7 +623,7 @@ final class HedgeRace: Sendable {
             guard state.winner == nil, !state.closed else { return nil }
             state.winner = id
             let others = state.live.filter { $0.id != id }
-            state.losers = others.filter { state.startedIDs.contains($0.id) }.count
+            state.losers = others.filter { loser in state.started.contains { $0.id == loser.id } }.count
             return others.map(\.stopper)
         }
         guard let losers else { return false }
