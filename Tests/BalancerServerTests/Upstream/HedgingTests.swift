@@ -68,6 +68,36 @@ private func settled(_ server: TestServer) async throws -> HedgeFigures {
     return figures
 }
 
+/// A hedged request whose copy has to wait for a worker: a POST (never copied)
+/// holds `busy`'s only worker until `busy.releasePauses()`, then a GET of `path`
+/// goes to `other` (the pool's other backend), with copies due after `after`.
+/// `body` runs once the held POST, the first copy and its waiting copy are all
+/// in flight; it gets the held POST, the hedged GET and when the GET was sent.
+private func withWaitingCopy(
+    busy: UpstreamTestBackend,
+    other: UpstreamTestBackend,
+    path: String = "/delayed",
+    afterMilliseconds: Int64 = 100,
+    _ configure: @escaping (inout ServerConfiguration) -> Void = { _ in },
+    _ body: (
+        _ server: TestServer, _ pool: UpstreamPool, _ held: Task<HTTPResult, any Error>,
+        _ hedged: Task<HTTPResult, any Error>, _ sent: ContinuousClock.Instant
+    ) async throws -> Void
+) async throws {
+    try await withProxy([busy.port, other.port], {
+        $0.connectionsPerUpstream = 1
+        $0.upstreamHedgeAfterMilliseconds = afterMilliseconds
+        configure(&$0)
+    }) { server, pool in
+        let held = Task { try await request(server.url("/pause"), method: "POST", body: "{}") }
+        #expect(try await eventually { busy.requestsReceived == 1 })
+        let sent = ContinuousClock.now
+        let hedged = Task { try await request(server.url(path)) }
+        #expect(try await eventually { await pool.balancer.stats().inFlight == 3 })
+        try await body(server, pool, held, hedged, sent)
+    }
+}
+
 @Suite("hedged upstream requests: copies on other backends, the first response wins")
 struct HedgingTests {
     @Test("after the delay a copy goes to the other backend and wins; the slow one is cancelled and sees the disconnect")
@@ -163,19 +193,10 @@ struct HedgingTests {
         let busy = try await UpstreamTestBackend.start()
         let failing = try await UpstreamTestBackend.start()
         defer { Task { await busy.stop(); await failing.stop() } }
-        try await withProxy([busy.port, failing.port], {
-            $0.connectionsPerUpstream = 1
-            $0.upstreamHedgeAfterMilliseconds = 50
+        try await withWaitingCopy(busy: busy, other: failing, path: "/reset?after_ms=1000", afterMilliseconds: 50, {
             $0.upstreamRetries = 0
             $0.upstreamResponseTimeoutMilliseconds = 10_000
-        }) { server, pool in
-            // A POST (never copied) holds the busy backend's only worker until released.
-            let held = Task { try await request(server.url("/pause"), method: "POST", body: "{}") }
-            #expect(try await eventually { busy.requestsReceived == 1 })
-            let start = ContinuousClock.now
-            let failed = Task { try await request(server.url("/reset?after_ms=1000")) }
-            // The held POST, the first copy, and its copy waiting for the busy backend.
-            #expect(try await eventually { await pool.balancer.stats().inFlight == 3 })
+        }) { server, pool, held, failed, start in
             let answer = try await failed.value
             let elapsed = ContinuousClock.now - start
             #expect(answer.status == 502, "\(answer.text)")
@@ -198,16 +219,8 @@ struct HedgingTests {
         let fast = try await UpstreamTestBackend.start()
         let slow = try await UpstreamTestBackend.start(responseDelay: .seconds(10))
         defer { Task { await fast.stop(); await slow.stop() } }
-        try await withProxy([fast.port, slow.port], {
-            $0.connectionsPerUpstream = 1
-            $0.upstreamHedgeAfterMilliseconds = 100
-        }) { server, pool in
-            // A POST (never copied) holds the fast backend's only worker until released.
-            let held = Task { try await request(server.url("/pause"), method: "POST", body: "{}") }
-            #expect(try await eventually { fast.requestsReceived == 1 })
-            let hedged = Task { try await request(server.url("/delayed")) }
-            // The held POST, the first copy on the slow backend, and its copy waiting.
-            #expect(try await eventually { await pool.balancer.stats().inFlight == 3 })
+        // A POST holds the fast backend's only worker; the first copy is on the slow one.
+        try await withWaitingCopy(busy: fast, other: slow) { server, _, held, hedged, _ in
             #expect(fast.requestsReceived == 1, "the copy waits: it is not sent anywhere else")
             #expect(try await HedgeFigures.read(server).waiting == 1, "/stats shows the waiting copy")
             fast.releasePauses()
@@ -227,14 +240,7 @@ struct HedgingTests {
         let busy = try await UpstreamTestBackend.start()
         let slow = try await UpstreamTestBackend.start(responseDelay: .seconds(1))
         defer { Task { await busy.stop(); await slow.stop() } }
-        try await withProxy([busy.port, slow.port], {
-            $0.connectionsPerUpstream = 1
-            $0.upstreamHedgeAfterMilliseconds = 100
-        }) { server, pool in
-            let held = Task { try await request(server.url("/pause"), method: "POST", body: "{}") }
-            #expect(try await eventually { busy.requestsReceived == 1 })
-            let hedged = Task { try await request(server.url("/delayed")) }
-            #expect(try await eventually { await pool.balancer.stats().inFlight == 3 })
+        try await withWaitingCopy(busy: busy, other: slow) { server, pool, held, hedged, _ in
             let answer = try await hedged.value
             #expect(answer.text == "port \(slow.port)")
             #expect(try await eventually { await pool.balancer.stats().inFlight == 1 }, "only the held POST is left")
@@ -255,14 +261,7 @@ struct HedgingTests {
         let busy = try await UpstreamTestBackend.start()
         let slow = try await UpstreamTestBackend.start(responseDelay: .milliseconds(1_500))
         defer { Task { await busy.stop(); await slow.stop() } }
-        try await withProxy([busy.port, slow.port], {
-            $0.connectionsPerUpstream = 1
-            $0.upstreamHedgeAfterMilliseconds = 100
-        }) { server, pool in
-            let held = Task { try await request(server.url("/pause"), method: "POST", body: "{}") }
-            #expect(try await eventually { busy.requestsReceived == 1 })
-            let hedged = Task { try await request(server.url("/delayed")) }
-            #expect(try await eventually { await pool.balancer.stats().inFlight == 3 })
+        try await withWaitingCopy(busy: busy, other: slow) { server, pool, held, hedged, _ in
             try await pool.drain("backend1")
             #expect(try await eventually { try await HedgeFigures.read(server).skipped >= 1 })
             let answer = try await hedged.value
