@@ -131,11 +131,7 @@ struct PoolTests {
 
     @Test("ties go to the lowest id")
     func tiesGoToTheLowestID() {
-        var pool = Pool()
-        for id in [4, 2, 7, 0, 5] {
-            pool.insert(id)
-            pool.push(id)
-        }
+        var pool = Self.idlePool([4, 2, 7, 0, 5])
         var order: [Int] = []
         while let id = pool.pop() { order.append(id) }
         #expect(order == [0, 2, 4, 5, 7])
@@ -143,12 +139,12 @@ struct PoolTests {
 
     /// Makes `count` dispatches that each complete at once (pop, mark, push
     /// back) and returns the workers they went to, in order.
-    /// A pool of `groups` groups of `perGroup` idle workers each, in the heap:
-    /// workers 0..<perGroup in group 0, and so on.
-    static func groupedPool(groups: Int, perGroup: Int) -> Pool {
+    /// A pool of idle workers `ids`, all in the heap, inserted in that order;
+    /// with `perGroup`, worker `id` is in group `id / perGroup`.
+    static func idlePool(_ ids: some Sequence<Int>, perGroup: Int? = nil) -> Pool {
         var pool = Pool()
-        for id in 0..<(groups * perGroup) {
-            pool.insert(id, group: id / perGroup)
+        for id in ids {
+            pool.insert(id, group: perGroup.map { id / $0 })
             pool.push(id)
         }
         return pool
@@ -165,11 +161,7 @@ struct PoolTests {
 
     @Test("among equal pending, the worker dispatched to least recently comes first")
     func tiesGoToTheLeastRecentlyDispatched() {
-        var pool = Pool()
-        for id in 0..<3 {
-            pool.insert(id)
-            pool.push(id)
-        }
+        var pool = Self.idlePool(0..<3)
         // Dispatches that each complete at once: round-robin, not always worker 0.
         #expect(Self.dispatchesCompletingAtOnce(6, in: &pool) == [0, 1, 2, 0, 1, 2])
         #expect(pool.isValid)
@@ -178,7 +170,7 @@ struct PoolTests {
     @Test("among idle workers, the one whose group has the fewest pending comes first")
     func tiesGoToTheLeastLoadedGroup() {
         // Two backends of three connections each: workers 0-2 in group 0, 3-5 in group 1.
-        var pool = Self.groupedPool(groups: 2, perGroup: 3)
+        var pool = Self.idlePool(0..<6, perGroup: 3)
         // Worker 0 takes a request and keeps it: group 0 has one in flight.
         let first = pool.pop()!
         #expect(first == 0)
@@ -200,7 +192,7 @@ struct PoolTests {
     @Test("load held against a group passes its idle workers over until it is given back")
     func heldGroupLoadPassesTheGroupOver() {
         // Workers 0-1 in group 0, 2-3 in group 1, all idle; group 0 would come first.
-        var pool = Self.groupedPool(groups: 2, perGroup: 2)
+        var pool = Self.idlePool(0..<4, perGroup: 2)
         #expect(pool.min == 0)
         pool.addGroupLoad(1, to: 0)
         #expect(pool.groupPending(of: 1) == 1 && pool[1]?.pending == 0, "held by the group, not by a worker")
@@ -213,11 +205,7 @@ struct PoolTests {
 
     @Test("isValid detects a broken heap")
     func isValidDetectsABrokenHeap() {
-        var pool = Pool()
-        for id in 0..<4 {
-            pool.insert(id)
-            pool.push(id)
-        }
+        var pool = Self.idlePool(0..<4)
         #expect(pool.isValid)
         // Change pending without fixing: the heap's order no longer holds.
         pool.addPending(5, to: pool.min!)
