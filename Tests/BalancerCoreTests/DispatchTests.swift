@@ -32,6 +32,16 @@ final class HeldOperations: Sendable {
     func releaseAll() {
         while releaseOne({ _ in 0 }) {}
     }
+
+    /// Releases running operations one at a time until `balancer` has nothing
+    /// in flight: a release lets the next queued request start, and it is
+    /// held in turn.
+    func releaseUntilIdle(_ balancer: Balancer) async throws {
+        while await balancer.stats().inFlight > 0 {
+            _ = releaseOne { _ in 0 }
+            try await Task.sleep(for: .milliseconds(1))
+        }
+    }
 }
 
 @Suite("dispatch and completed")
@@ -203,10 +213,7 @@ struct DispatchTests {
                 #expect(stats.capacity == 1)
                 #expect(stats.workers.map(\.pending) == [1, 1])
                 #expect(stats.backlogDepth == 3)
-                while (await balancer.stats()).inFlight > 0 {
-                    _ = held.releaseOne { _ in 0 }
-                    try await Task.sleep(for: .milliseconds(1))
-                }
+                try await held.releaseUntilIdle(balancer)
                 try await group.waitForAll()
                 #expect(recorder.all.suffix(3) == ["start 2", "start 3", "start 4"], "the backlog is FIFO")
             }

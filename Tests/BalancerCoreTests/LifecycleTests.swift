@@ -135,10 +135,7 @@ struct LifecycleTests {
                 #expect(after.workers.map(\.pending) == [1, 5], "worker 0 keeps only its running request; worker 1 takes two")
                 #expect(after.workers[0].state == .removing)
                 #expect(after.backlogDepth == 0)
-                while (await balancer.stats()).inFlight > 0 {
-                    _ = held.releaseOne { _ in 0 }
-                    try await Task.sleep(for: .milliseconds(1))
-                }
+                try await held.releaseUntilIdle(balancer)
                 var workers: [Int] = []
                 for try await worker in group { workers.append(worker) }
                 #expect(workers.filter { $0 == 0 }.count == 1)

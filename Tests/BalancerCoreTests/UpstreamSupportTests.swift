@@ -71,10 +71,7 @@ struct UpstreamSupportTests {
                 #expect(stats.workers.map(\.pending) == [2, 4], "back in rotation")
                 #expect(stats.workers.map(\.state) == [.active, .active])
 
-                while (await balancer.stats()).inFlight > 0 {
-                    _ = held.releaseOne { _ in 0 }
-                    try await Task.sleep(for: .milliseconds(1))
-                }
+                try await held.releaseUntilIdle(balancer)
                 var workers: [Int] = []
                 for try await worker in group { workers.append(worker) }
                 #expect(workers.sorted() == [0, 0, 1, 1, 1, 1])
@@ -84,10 +81,7 @@ struct UpstreamSupportTests {
                 group.addTask { try await balancer.submitWithReceipt(held.operation()).worker }
                 let busy = await eventually(balancer) { $0.inFlight == 1 }.workers.first { $0.pending == 1 }!.id
                 #expect(await balancer.markDown(busy))
-                while (await balancer.stats()).inFlight > 0 {
-                    _ = held.releaseOne { _ in 0 }
-                    try await Task.sleep(for: .milliseconds(1))
-                }
+                try await held.releaseUntilIdle(balancer)
                 _ = try await group.next()
                 let idle = await balancer.stats()
                 #expect(idle.workers.map(\.id) == [0, 1])
@@ -111,10 +105,7 @@ struct UpstreamSupportTests {
             #expect((await balancer.stats()).backlogDepth == 1, "the queued request still waits")
 
             #expect(await balancer.markUp(1))
-            while (await balancer.stats()).inFlight > 0 {
-                _ = held.releaseOne { _ in 0 }
-                try await Task.sleep(for: .milliseconds(1))
-            }
+            try await held.releaseUntilIdle(balancer)
             for request in running { _ = try await request.value }
             let stats = await balancer.stats()
             #expect(stats.unavailable == 1)
@@ -141,10 +132,7 @@ struct UpstreamSupportTests {
             await eventually(balancer) { $0.backlogDepth == 0 }
             stats = await balancer.stats()
             #expect(stats.workers.map(\.pending) == [1, 1])
-            while (await balancer.stats()).inFlight > 0 {
-                _ = held.releaseOne { _ in 0 }
-                try await Task.sleep(for: .milliseconds(1))
-            }
+            try await held.releaseUntilIdle(balancer)
             #expect(Set([try await first.value, try await second.value]) == [0, added])
             checkAccounting(await balancer.stats())
         }
@@ -249,10 +237,7 @@ struct UpstreamSupportTests {
                 #expect(stats.workers.map(\.pending) == [2, 2, 2, 2])
                 checkAccounting(stats)
 
-                while (await balancer.stats()).inFlight > 0 {
-                    _ = held.releaseOne { _ in 0 }
-                    try await Task.sleep(for: .milliseconds(1))
-                }
+                try await held.releaseUntilIdle(balancer)
                 var workers: [Int] = []
                 for try await worker in group { workers.append(worker) }
                 #expect(workers.count == 9)
@@ -294,10 +279,7 @@ struct UpstreamSupportTests {
                 #expect(stats.backlogDepth == 0, "the restricted request did not move to the backlog")
                 #expect(stats.workers.map(\.pending) == [1, 0], "and did not run on worker 1")
                 checkAccounting(stats)
-                while (await balancer.stats()).inFlight > 0 {
-                    _ = held.releaseOne { _ in 0 }
-                    try await Task.sleep(for: .milliseconds(1))
-                }
+                try await held.releaseUntilIdle(balancer)
                 try await group.waitForAll()
             }
             #expect(ran.all.isEmpty)
@@ -356,10 +338,7 @@ struct UpstreamSupportTests {
                 #expect(stats.workers.map(\.pending) == [1, 1])
                 checkAccounting(stats)
 
-                while (await balancer.stats()).inFlight > 0 {
-                    _ = held.releaseOne { _ in 0 }
-                    try await Task.sleep(for: .milliseconds(1))
-                }
+                try await held.releaseUntilIdle(balancer)
                 var answers: [String] = []
                 for try await answer in group { answers.append(answer) }
                 #expect(answers.sorted() == ["A on 0", "B on 1", "P on 0", "Q on 0", "W on 1"])
