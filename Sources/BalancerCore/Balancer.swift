@@ -303,7 +303,6 @@ public actor Balancer {
     /// One pass of the talk's `select`: completions first (they free room), then
     /// control, cancellations, the backlog, and new work last (FIFO).
     private func handle(_ events: Inbox.Events) {
-        releaseHolds()
         for done in events.done { completed(done) }
         for event in events.control { control(event) }
         for request in events.cancelled { cancel(request) }
@@ -900,9 +899,10 @@ public actor Balancer {
         inbox.control(.hold(worker: id, until: deadline))
     }
 
-    /// Gives back the held loads whose deadline has passed. Called where a
-    /// balance pass starts and before the backlog is drained, so no choice
-    /// between workers sees a load that has ended.
+    /// Gives back the held loads whose deadline has passed. Called first by
+    /// ``drainBacklog()``, which every path that chooses a worker runs before
+    /// choosing (a balance pass admits new work only after it), so no choice
+    /// sees a load that has ended.
     private func releaseHolds() {
         guard let first = firstHoldEnds else { return }
         let now = ContinuousClock.now
