@@ -187,7 +187,7 @@ struct RotationRuleTests {
                 for passive in [PassiveHealth(maxFailures: 1, coolDown: .seconds(10)), ejected] {
                     var entry = UpstreamPool.BackendEntry(
                         backend: try Backend(name: "b", url: "http://127.0.0.1:1"), number: 0, connections: 1, workerIDs: [0],
-                        responseTimes: ResponseTimes(), passive: passive)
+                        passive: passive)
                     entry.admin = admin
                     entry.healthUp = healthUp
                     let expected = admin == .ready && healthUp && !passive.isEjected(now: now)
@@ -197,7 +197,7 @@ struct RotationRuleTests {
         }
         // The ejection ends by itself: checks passing, the backend comes back.
         let entry = UpstreamPool.BackendEntry(
-            backend: try Backend(name: "b", url: "http://127.0.0.1:1"), number: 0, connections: 1, workerIDs: [0], responseTimes: ResponseTimes(), passive: ejected)
+            backend: try Backend(name: "b", url: "http://127.0.0.1:1"), number: 0, connections: 1, workerIDs: [0], passive: ejected)
         #expect(!entry.inRotation(now: now + .seconds(9)))
         #expect(entry.inRotation(now: now + .seconds(10)))
     }

@@ -76,9 +76,8 @@ public final class UpstreamPool: Service, Sendable {
         let number: Int
         let connections: Int
         var workerIDs: [Int]
-        /// Recorded by hedged requests only (see ``ResponseTimes``); its
-        /// workers' entries share it.
-        let responseTimes: ResponseTimes
+        /// Recorded by hedged requests only (see ``ResponseTimes``).
+        let responseTimes = ResponseTimes()
         var admin = AdminState.ready
         var passive: PassiveHealth
         /// What the active health check says (up when there is none).
@@ -122,8 +121,6 @@ public final class UpstreamPool: Service, Sendable {
     struct WorkerEntry: Sendable {
         let backend: String
         let connection: UpstreamConnection
-        /// Its backend's (shared by the backend's workers).
-        let responseTimes: ResponseTimes
         var stats = UpstreamStats()
     }
 
@@ -148,13 +145,13 @@ public final class UpstreamPool: Service, Sendable {
         }
 
         mutating func append(
-            _ backend: Backend, number: Int, connections: Int, workerIDs: [Int], responseTimes: ResponseTimes,
-            passive: PassiveHealth, checker: HealthChecker? = nil
+            _ backend: Backend, number: Int, connections: Int, workerIDs: [Int], passive: PassiveHealth,
+            checker: HealthChecker? = nil
         ) {
             backends.append(
                 BackendEntry(
-                    backend: backend, number: number, connections: connections, workerIDs: workerIDs,
-                    responseTimes: responseTimes, passive: passive, checker: checker))
+                    backend: backend, number: number, connections: connections, workerIDs: workerIDs, passive: passive,
+                    checker: checker))
         }
     }
 
@@ -209,18 +206,15 @@ public final class UpstreamPool: Service, Sendable {
         self.hedgeTimer = hedging.timed ? HedgeTimer() : nil
 
         let passive = PassiveHealth(maxFailures: configuration.maxFails, coolDown: .milliseconds(configuration.failTimeoutMilliseconds))
-        let responseTimes = backends.map { _ in ResponseTimes() }
         for (index, backend) in backends.enumerated() {
             state.append(
                 backend, number: numbers[index], connections: configuration.backends[index].connections,
-                workerIDs: owners.indices.filter { owners[$0] == index }, responseTimes: responseTimes[index],
-                passive: passive)
+                workerIDs: owners.indices.filter { owners[$0] == index }, passive: passive)
         }
         for (worker, owner) in owners.enumerated() {
             state.workers[worker] = WorkerEntry(
                 backend: backends[owner].name,
-                connection: UpstreamConnection(backend: backends[owner], configuration: upstreamConfiguration, eventLoop: eventLoopGroup.next()),
-                responseTimes: responseTimes[owner]
+                connection: UpstreamConnection(backend: backends[owner], configuration: upstreamConfiguration, eventLoop: eventLoopGroup.next())
             )
         }
         self.state = Mutex(state)
@@ -355,7 +349,9 @@ public final class UpstreamPool: Service, Sendable {
 
     /// The response times of worker `id`'s backend.
     func responseTimes(ofWorker id: Int) -> ResponseTimes? {
-        state.withLock { $0.workers[id]?.responseTimes }
+        state.withLock { state in
+            state.workers[id].flatMap { state.index(of: $0.backend) }.map { state.backends[$0].responseTimes }
+        }
     }
 
     /// The operation a worker runs: forward over its own connection, count the
@@ -565,21 +561,18 @@ public final class UpstreamPool: Service, Sendable {
         guard names.reserve(backend.name) else { throw ChangeError.nameTaken(backend.name) }
         let number = state.withLock { $0.takeNumber() }
         var workers: [Int] = []
-        let responseTimes = ResponseTimes()
         for _ in 0..<configuration.connections {
             let id = await balancer.addWorker(down: true, group: number)
             let connection = UpstreamConnection(backend: backend, configuration: upstreamConfiguration, eventLoop: eventLoopGroup.next())
-            state.withLock {
-                $0.workers[id] = WorkerEntry(backend: backend.name, connection: connection, responseTimes: responseTimes)
-            }
+            state.withLock { $0.workers[id] = WorkerEntry(backend: backend.name, connection: connection) }
             workers.append(id)
         }
         let checker = makeChecker(for: backend)
         let passive = PassiveHealth(maxFailures: self.configuration.maxFails, coolDown: .milliseconds(self.configuration.failTimeoutMilliseconds))
         let start = state.withLock { state -> Bool in
             state.append(
-                backend, number: number, connections: configuration.connections, workerIDs: workers,
-                responseTimes: responseTimes, passive: passive, checker: checker)
+                backend, number: number, connections: configuration.connections, workerIDs: workers, passive: passive,
+                checker: checker)
             return state.running && !state.stopped
         }
         if start, let checker { startChecking(checker) }
