@@ -67,10 +67,11 @@ public actor Balancer {
     /// The priority of the task that called `run()`, given to the worker tasks
     /// and timers, so the balance loop and its workers are scheduled alike.
     private var priority: TaskPriority?
-    /// Load held against groups (``holdLoad(ofGroupOf:until:)``), each until
-    /// its deadline; given back by the first dispatch after it (see
-    /// ``releaseHolds()``), so it needs no timer.
-    private var holds: [(group: Int, until: ContinuousClock.Instant)] = []
+    /// Load held against workers (``holdLoad(on:until:)``), each until its
+    /// deadline; given back by the first dispatch after it (see
+    /// ``releaseHolds()``), so it needs no timer. `worker` is `nil` once the
+    /// worker left the pool: its group (if any) keeps the load.
+    private var holds: [(worker: Int?, group: Int?, until: ContinuousClock.Instant)] = []
     /// The earliest deadline in `holds`: before it, nothing is scanned.
     private var firstHoldEnds: ContinuousClock.Instant?
     private var expiryTimer: Task<Void, Never>?
@@ -567,7 +568,7 @@ public actor Balancer {
         var best: (pending: Int, group: Int, lastDispatch: Int, id: Int)?
         for id in activeIDs where eligible(id) {
             guard let record = pool[id], record.pending < capacity else { continue }
-            let key = (record.pending, pool.groupPending(of: id), record.lastDispatch, id)
+            let key = (record.pending + record.held, pool.groupPending(of: id), record.lastDispatch, id)
             if let current = best, current <= key { continue }
             best = key
         }
@@ -768,9 +769,9 @@ public actor Balancer {
         case .exited:
             liveTasks -= 1
         case .hold(let id, let deadline):
-            guard stage != .stopped, pool[id] != nil, let group = pool.group(of: id), deadline > .now else { return }
-            pool.addGroupLoad(1, to: group)
-            holds.append((group, deadline))
+            guard stage != .stopped, pool[id] != nil, deadline > .now else { return }
+            pool.addHeldLoad(1, to: id)
+            holds.append((id, pool.group(of: id), deadline))
             firstHoldEnds = min(firstHoldEnds ?? deadline, deadline)
         }
     }
@@ -882,20 +883,25 @@ public actor Balancer {
         return true
     }
 
-    /// Counts one more request against worker `id`'s group until `deadline`:
-    /// work the group's resource still does for a request that no worker
-    /// holds any more. An upstream pool holds one for a hedged request's
-    /// loser: cut off at the win, it is still being served by its backend
-    /// (which learns of the closed connection only when it answers), and
-    /// without the hold least-pending would take a slow backend whose
-    /// requests hedging cuts short for an idle one and send it more.
+    /// Counts one more request against worker `id` (and its group) until
+    /// `deadline`: work its resource still does for a request the worker no
+    /// longer runs. An upstream pool holds one for a hedged request's loser:
+    /// cut off at the win, it is still being served by its backend (which
+    /// learns of the closed connection only when it answers). Without the
+    /// hold, the loser's worker would look idle the moment its request was
+    /// cut, least-pending would prefer it to the busy connections of faster
+    /// backends, and a slow backend whose requests hedging cuts short would
+    /// be sent more of them, each needing a copy. HAProxy keeps such a
+    /// request on its server's count too, until the server answers (without
+    /// `option abortonclose`).
     ///
-    /// Only the choice between workers of different groups sees it: no
-    /// worker's `pending` changes. Does nothing for a worker without a group
-    /// or not in the pool, or once the balancer has stopped. It takes effect
-    /// in the next balance pass: called by an operation before it returns, no
-    /// later than that request's completion.
-    public nonisolated func holdLoad(ofGroupOf id: Int, until deadline: ContinuousClock.Instant) {
+    /// Choices see it as a pending request on that worker; `pending` itself,
+    /// in stats and for capacity, does not change. If the worker leaves the
+    /// pool first, its group keeps the load until the deadline. Does nothing
+    /// for a worker not in the pool, or once the balancer has stopped. It
+    /// takes effect in the next balance pass: called by an operation before it
+    /// returns, no later than that request's completion.
+    public nonisolated func holdLoad(on id: Int, until deadline: ContinuousClock.Instant) {
         inbox.control(.hold(worker: id, until: deadline))
     }
 
@@ -913,7 +919,11 @@ public actor Balancer {
                 firstHoldEnds = min(firstHoldEnds ?? hold.until, hold.until)
                 return false
             }
-            pool.addGroupLoad(-1, to: hold.group)
+            if let worker = hold.worker {
+                pool.addHeldLoad(-1, to: worker)
+            } else if let group = hold.group {
+                pool.addGroupLoad(-1, to: group)
+            }
             return true
         }
     }
@@ -997,6 +1007,8 @@ public actor Balancer {
     private func leave(_ id: Int) {
         guard let slot = slots[id] else { return }
         slots[id] = nil
+        // What it held stays with its group (``Pool/addHeldLoad(_:to:)``).
+        for index in holds.indices where holds[index].worker == id { holds[index].worker = nil }
         pool.delete(id)
         slot.worker.close()
     }

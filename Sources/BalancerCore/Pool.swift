@@ -4,8 +4,9 @@
 /// Workers are named by their small integer id. Each has a record holding its
 /// `pending` (requests queued on it or running) and its `index`: its position in
 /// `heap`, or `nil` while it is out of the heap (taken off by `dispatch`,
-/// draining, removed). The heap is ordered by `(pending, group pending,
-/// lastDispatch, id)`: ties in `pending` go first to the worker whose group
+/// draining, removed). The heap is ordered by `(load, group pending,
+/// lastDispatch, id)`, where a worker's load is its `pending` plus any load
+/// held against it (below): ties in load go first to the worker whose group
 /// has the fewest pending, then to the worker dispatched to least recently
 /// (round-robin among equals, as nginx's least_conn and HAProxy's leastconn
 /// do), then to the lowest id.
@@ -16,10 +17,15 @@
 /// from one to an idle backend; the group's total can, and with it the pool
 /// prefers the backend with the fewest requests in flight (HAProxy's
 /// leastconn, which counts per server). A worker without a group is a group
-/// of its own, and the order among such workers is `(pending, lastDispatch, id)`.
-/// A group's count may also hold load that no member holds
-/// (``addGroupLoad(_:to:)``): work its resource still does for a request the
-/// pool's caller gave up on.
+/// of its own, and the order among such workers is `(load, lastDispatch, id)`.
+///
+/// Held load is work a worker's resource still does for a request the pool's
+/// caller gave up on (a hedged request's loser, whose backend goes on serving
+/// it after its connection closed): it counts in the worker's load and its
+/// group's like a pending request, but is not `pending`, which stays the
+/// exact count of requests queued or running (``addHeldLoad(_:to:)``). What a
+/// worker held when it left the pool stays with its group
+/// (``addGroupLoad(_:to:)``).
 ///
 /// Every operation keeps each record's `index` right; without that upkeep
 /// `completed` would fix up the wrong worker and the heap would silently rot.
@@ -37,6 +43,9 @@ public struct Pool: Sendable {
         public internal(set) var lastDispatch = 0
         /// The worker's group, or -1 for none.
         public internal(set) var group = -1
+        /// Load held against this worker that is not `pending`
+        /// (``addHeldLoad(_:to:)``): its place in the heap counts `pending + held`.
+        public internal(set) var held = 0
     }
 
     /// Records by worker id; `nil` for ids not (or no longer) in the pool.
@@ -45,7 +54,8 @@ public struct Pool: Sendable {
     private var heap: [Int] = []
     /// Dispatches recorded so far, for `lastDispatch`.
     private var dispatches = 0
-    /// By group: the sum of its members' `pending` plus its held load, and its members' ids.
+    /// By group: the sum of its members' `pending` plus its held load (its
+    /// members' and what members that left held), and its members' ids.
     private var groups: [(pending: Int, members: [Int])] = []
     /// Scratch space for ``changeGroup(_:by:)``, kept so that a change of
     /// pending (two per request) allocates nothing.
@@ -73,14 +83,14 @@ public struct Pool: Sendable {
     }
 
     /// The sum of `pending` over worker `id`'s group plus the group's held
-    /// load (its own `pending` if it has none); the worker must be in the pool.
+    /// load (its own load if it has none); the worker must be in the pool.
     public func groupPending(of id: Int) -> Int {
         groupPending(records[id]!)
     }
 
     @inline(__always)
     private func groupPending(_ record: Record) -> Int {
-        record.group < 0 ? record.pending : groups[record.group].pending
+        record.group < 0 ? record.pending + record.held : groups[record.group].pending
     }
 
     /// Registers worker `id` with `pending` 0, outside the heap, as a member
@@ -132,6 +142,23 @@ public struct Pool: Sendable {
         precondition(groups.indices.contains(group), "group \(group) has no members")
         precondition(groups[group].pending + delta >= 0, "the load of group \(group) would fall below zero")
         changeGroup(group, by: delta)
+    }
+
+    /// Adds `delta` to worker `id`'s held load (and to its group's), without
+    /// changing its `pending`, and restores heap order; the holder takes it
+    /// back with `-delta`. If the worker leaves the pool first, what it held
+    /// stays with its group, to be taken back with ``addGroupLoad(_:to:)``.
+    ///
+    /// - Precondition: the held load never goes below zero.
+    public mutating func addHeldLoad(_ delta: Int, to id: Int) {
+        let new = records[id]!.held + delta
+        precondition(new >= 0, "the held load of worker \(id) would fall below zero")
+        records[id]!.held = new
+        if records[id]!.group >= 0 {
+            changeGroup(records[id]!.group, by: delta)
+        } else if let index = records[id]!.index {
+            fix(at: index)
+        }
     }
 
     /// The group of worker `id` (nil for none); the worker must be in the pool.
@@ -235,7 +262,8 @@ public struct Pool: Sendable {
         let y = heap[b]
         let rx = records[x].unsafelyUnwrapped
         let ry = records[y].unsafelyUnwrapped
-        if rx.pending != ry.pending { return rx.pending < ry.pending }
+        let (lx, ly) = (rx.pending + rx.held, ry.pending + ry.held)
+        if lx != ly { return lx < ly }
         if rx.group != ry.group {
             let (gx, gy) = (groupPending(rx), groupPending(ry))
             if gx != gy { return gx < gy }

@@ -134,26 +134,44 @@ struct DispatchTests {
         }
     }
 
-    @Test("load held against a worker's group passes its idle workers over until the deadline, then it ends")
+    @Test("load held against a worker passes it over until the deadline, and goes when it leaves")
+    func heldLoadPassesAWorkerOver() async throws {
+        let balancer = Balancer(configuration: .init(workers: 2, capacity: 4, backlog: 8))
+        try await withRunning(balancer) { balancer in
+            balancer.holdLoad(on: 0, until: .now + .seconds(60))
+            var ran: [Int] = []
+            for n in 1...3 {
+                ran.append(try await balancer.submitWithReceipt { 0 }.worker)
+                _ = await eventually(balancer) { $0.completed == n }
+            }
+            #expect(ran == [1, 1, 1], "worker 0 counts as one request busier")
+            #expect(await balancer.stats().workers.allSatisfy { $0.pending == 0 }, "no worker's pending changed")
+            #expect(await balancer.removeWorker(0))
+            #expect(try await balancer.submitWithReceipt { 0 }.worker == 1)
+            #expect(await balancer.poolIsValid())
+        }
+    }
+
+    @Test("load held against a worker counts in its group, passing the group's idle workers over until the deadline")
     func heldLoadPassesAGroupOverUntilItsDeadline() async throws {
         // Two backends with two one-request connections each: workers 0, 1 and 2, 3.
         let balancer = Balancer(configuration: .init(workers: 4, capacity: 1, backlog: 8), groups: [0, 0, 1, 1])
         try await withRunning(balancer) { balancer in
             // A hold that has ended is given back before the next dispatch: group 0 comes first.
             let deadline = ContinuousClock.now + .milliseconds(100)
-            balancer.holdLoad(ofGroupOf: 1, until: deadline)
+            balancer.holdLoad(on: 1, until: deadline)
             try await Task.sleep(until: deadline + .milliseconds(20), clock: .continuous)
             #expect(try await balancer.submitWithReceipt { 0 }.worker == 0)
             _ = await eventually(balancer) { $0.completed == 1 }
             // While one lasts (a minute: longer than any busy machine takes here), the
             // held group's idle workers are passed over.
-            balancer.holdLoad(ofGroupOf: 1, until: .now + .seconds(60))
+            balancer.holdLoad(on: 1, until: .now + .seconds(60))
             var ran: [Int] = []
             for n in 2...5 {
                 ran.append(try await balancer.submitWithReceipt { 0 }.worker)
                 _ = await eventually(balancer) { $0.completed == n }
             }
-            #expect(ran == [2, 3, 2, 3], "group 0 holds a request no worker has")
+            #expect(ran == [2, 3, 2, 3], "group 0 holds a request no worker has in flight")
             #expect(await balancer.stats().workers.allSatisfy { $0.pending == 0 }, "no worker's pending changed")
             // The group's workers leave while it holds load: nothing breaks, the others serve.
             #expect(await balancer.removeWorker(0))

@@ -12,32 +12,37 @@ struct PoolTests {
         var inHeap: Set<Int> = []
         /// Each worker's group, for those that have one.
         var group: [Int: Int] = [:]
-        /// Load held against each group that has had a member (``Pool/addGroupLoad(_:to:)``).
+        /// Load held against each group that has had a member (``Pool/addGroupLoad(_:to:)``),
+        /// and against each worker (``Pool/addHeldLoad(_:to:)``), which also counts in its group.
         var held: [Int: Int] = [:]
+        var workerHeld: [Int: Int] = [:]
+
+        /// A worker's load: its pending plus what is held against it.
+        func load(_ id: Int) -> Int { pending[id]! + workerHeld[id, default: 0] }
 
         /// Each group's pending: the sum over the pool's workers in it, plus its held load.
         var groupSums: [Int: Int] {
             var sums = held
-            for (id, g) in group { sums[g, default: 0] += pending[id]! }
+            for (id, g) in group { sums[g, default: 0] += load(id) }
             return sums
         }
 
         /// The pending of `id`'s group, given `groupSums`.
         func groupPending(_ id: Int, _ sums: [Int: Int]) -> Int {
-            group[id].map { sums[$0]! } ?? pending[id]!
+            group[id].map { sums[$0]! } ?? load(id)
         }
 
         var minimum: Int? {
             let sums = groupSums
             return inHeap.min { a, b in
-                (pending[a]!, groupPending(a, sums), lastDispatch[a, default: 0], a)
-                    < (pending[b]!, groupPending(b, sums), lastDispatch[b, default: 0], b)
+                (load(a), groupPending(a, sums), lastDispatch[a, default: 0], a)
+                    < (load(b), groupPending(b, sums), lastDispatch[b, default: 0], b)
             }
         }
     }
 
     @Test(
-        "random push, pop, remove(at:), fix, update and held group load keep heap order and every index, with and without groups",
+        "random push, pop, remove(at:), fix, update and held load keep heap order and every index, with and without groups",
         arguments: [1, 2, 3, 4, 5, 6, 7, 8], [false, true])
     func randomOperationsKeepTheHeapValid(seed: UInt64, grouped: Bool) {
         var rng = SplitMix64(seed: seed)
@@ -101,17 +106,27 @@ struct PoolTests {
                     model.inHeap.insert(id)
                 } else {
                     pool.delete(id)
+                    // What it held stays with its group.
+                    if let group = model.group[id] { model.held[group]! += model.workerHeld[id, default: 0] }
+                    model.workerHeld[id] = nil
                     model.pending[id] = nil
                     model.lastDispatch[id] = nil
                     model.group[id] = nil
                     #expect(pool[id] == nil)
                 }
-            case 80..<90:
+            case 80..<85:
                 // Load is held against a group, or some of it given back.
                 guard let (group, load) = model.held.randomElement(using: &rng) else { continue }
                 let delta = load > 0 && Bool.random(using: &rng) ? -Int.random(in: 1...load, using: &rng) : 1
                 pool.addGroupLoad(delta, to: group)
                 model.held[group]! += delta
+            case 85..<90:
+                // Load is held against a worker, in the heap or out of it, or some of it given back.
+                guard let id = model.pending.keys.randomElement(using: &rng) else { continue }
+                let load = model.workerHeld[id, default: 0]
+                let delta = load > 0 && Bool.random(using: &rng) ? -Int.random(in: 1...load, using: &rng) : 1
+                pool.addHeldLoad(delta, to: id)
+                model.workerHeld[id] = load + delta
             default:
                 // Pop and push straight back.
                 guard let id = pool.pop() else { continue }
@@ -123,6 +138,7 @@ struct PoolTests {
             let sums = model.groupSums
             for (id, pending) in model.pending {
                 #expect(pool[id]?.pending == pending)
+                #expect(pool[id]?.held == model.workerHeld[id, default: 0])
                 #expect(pool.groupPending(of: id) == model.groupPending(id, sums))
                 #expect((pool[id]?.index != nil) == model.inHeap.contains(id))
             }
@@ -200,6 +216,28 @@ struct PoolTests {
         pool.addGroupLoad(-1, to: 0)
         #expect(pool.groupPending(of: 0) == 0)
         #expect(pool.min == 0)
+        #expect(pool.isValid)
+    }
+
+    @Test("load held against a worker counts with its pending and in its group, and stays with the group when it leaves")
+    func heldWorkerLoadCountsLikePending() {
+        // Workers 0-1 in group 0, 2-3 in group 1, all idle.
+        var pool = Self.idlePool(0..<4, perGroup: 2)
+        pool.addHeldLoad(1, to: 0)
+        #expect(pool[0]?.pending == 0 && pool[0]?.held == 1, "held, not pending")
+        #expect(pool.groupPending(of: 1) == 1)
+        #expect(Self.dispatchesCompletingAtOnce(4, in: &pool) == [2, 3, 2, 3], "group 0 is busier")
+        // With group 1 as busy, the worker holding load still comes after its idle peers.
+        pool.addHeldLoad(1, to: 2)
+        #expect(Self.dispatchesCompletingAtOnce(4, in: &pool) == [1, 3, 1, 3])
+        pool.addHeldLoad(-1, to: 2)
+        #expect(pool.groupPending(of: 3) == 0)
+        // Worker 0 leaves while it holds load: its group keeps it, to be given back there.
+        pool.remove(at: pool[0]!.index!)
+        pool.delete(0)
+        #expect(pool.groupPending(of: 1) == 1)
+        pool.addGroupLoad(-1, to: 0)
+        #expect(pool.groupPending(of: 1) == 0)
         #expect(pool.isValid)
     }
 

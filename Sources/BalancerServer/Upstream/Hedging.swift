@@ -49,7 +49,7 @@ import Synchronization
 /// connection closed (never reused mid-response, ``ForwardStop``), and each
 /// worker's `pending` falls once, when its operation ends. A loser cut off
 /// before its head leaves its backend's load held for the rest it can be
-/// expected to take (``Balancer/holdLoad(ofGroupOf:until:)``).
+/// expected to take (``Balancer/holdLoad(on:until:)``).
 public struct HedgePolicy: Sendable, Hashable {
     /// Start another copy after this long without a response head; `nil`: never.
     public var after: Duration?
@@ -1028,7 +1028,7 @@ extension UpstreamPool {
     /// first. Its head, or its stop when another wins, is a sample of its
     /// backend's response times; at a stop, its backend's load is held for
     /// the rest of the time it can be expected to take
-    /// (``Balancer/holdLoad(ofGroupOf:until:)``).
+    /// (``Balancer/holdLoad(on:until:)``).
     private func copyOperation<Body: AsyncSequence & Sendable>(
         _ race: HedgeRace,
         _ id: Int,
@@ -1050,7 +1050,7 @@ extension UpstreamPool {
                 // Cut off by another copy's win after it went out: its backend still works on it.
                 if let winner = race.winner, winner != id, stop.reachedConnection, let rest = timing?.stopped() {
                     let longest = Duration.milliseconds(self.configuration.responseTimeoutMilliseconds)
-                    self.balancer.holdLoad(ofGroupOf: worker, until: .now + min(rest, longest))
+                    self.balancer.holdLoad(on: worker, until: .now + min(rest, longest))
                 }
                 throw error
             }
