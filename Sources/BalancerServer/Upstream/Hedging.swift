@@ -259,11 +259,20 @@ final class QuantileEstimate: Sendable {
 /// A request stopped before its head (a hedge's loser) says only that its
 /// time was longer than its wait: it is kept as censored, and the estimate
 /// is Kaplan-Meier's, so cutting a slow backend's requests short does not
-/// make it look fast. When more than half of what is left past a wait is
-/// censored beyond the last head, the wait is unknown (`nil`): a backend
-/// whose every slow request is cut is not taken for a fast one. Otherwise
-/// what lies past the last head counts as ending at the last time recorded
-/// (a lower bound for that part, as Efron closes the estimate).
+/// make it look fast. What lies past the last time recorded (requests that
+/// were all cut) is extrapolated at the rate heads were still arriving just
+/// before it: the hazard over the last octave recorded (heads per unit of
+/// time at risk there), as a constant-hazard tail, whose mean residual is
+/// its inverse. Hedging cuts a slow backend's requests at about one delay,
+/// and without this its tail would look like nothing but that cut: a
+/// backend whose times are exponential, mean 20 ms, cut at 12 ms, is
+/// expected to take about 20 ms more, not 0. When heads had stopped coming
+/// before the cut (too few in that octave: the slow requests are slower than
+/// anything seen) and more than half of what is left past a wait lies
+/// there, the wait is unknown (`nil`): a backend whose every slow request is
+/// cut is not taken for a fast one. With less than half there, that part
+/// counts as ending at the last time recorded (a lower bound, as Efron
+/// closes the estimate).
 ///
 /// Kept as histograms in quarter-octave buckets (each about 19% wider than
 /// the one before), halved every ``window`` samples so they follow the
@@ -312,6 +321,12 @@ final class ResponseTimes: Sendable {
         Double(UInt64(1) << (bucket / 4 + 2)) * (1.125 + 0.25 * Double(bucket % 4))
     }
 
+    /// A bucket's width, in microseconds.
+    private static func width(_ bucket: Int) -> Double { Double(UInt64(1) << (bucket / 4 + 2)) / 4 }
+
+    /// Heads in the last octave recorded needed to extrapolate past it.
+    static let tailHeads = 8
+
     /// A response head arrived `time` after its request was sent.
     func record(_ time: Duration) {
         let bucket = Self.bucket(time)
@@ -332,36 +347,54 @@ final class ResponseTimes: Sendable {
     /// How much longer a request that has waited `waited` can be expected to
     /// wait; `nil` when nothing is recorded past `waited`.
     func expectedWait(after waited: Duration) -> Duration? {
-        let first = Self.bucket(waited)
         let elapsed = max(waited / .microseconds(1), 0)
+        var first = Self.bucket(waited)
+        if Self.middle(first) <= elapsed { first += 1 }
         let microseconds: Double? = histogram.withLock { histogram in
-            // The buckets past `waited`, and how many requests reached each.
-            let buckets = (first..<Self.bucketCount).filter { Self.middle($0) > elapsed }
-            var atRisk = [Int](repeating: 0, count: buckets.count)
+            // The last bucket with a record, and the requests that reached `first`.
+            guard let end = (first..<Self.bucketCount).last(where: { histogram.heads[$0] + histogram.stops[$0] > 0 })
+            else { return nil }
             var reached = 0
-            for (index, bucket) in buckets.enumerated().reversed() {
-                reached += histogram.heads[bucket] + histogram.stops[bucket]
-                atRisk[index] = reached
-            }
-            guard reached > 0 else { return nil }
+            for bucket in first...end { reached += histogram.heads[bucket] + histogram.stops[bucket] }
             // Kaplan-Meier: the share still waiting falls at each bucket by its heads over those at risk.
+            var atRisk = reached
             var waiting = 1.0
             var mean = 0.0
-            var last = elapsed
-            for (index, bucket) in buckets.enumerated() where atRisk[index] > 0 {
+            for bucket in first...end {
                 let heads = histogram.heads[bucket]
                 if heads > 0 {
-                    let ending = waiting * Double(heads) / Double(atRisk[index])
+                    let ending = waiting * Double(heads) / Double(atRisk)
                     mean += ending * (Self.middle(bucket) - elapsed)
                     waiting -= ending
                 }
-                if heads + histogram.stops[bucket] > 0 { last = Self.middle(bucket) }
+                atRisk -= heads + histogram.stops[bucket]
             }
-            // Left waiting past the last head: only stops were seen there.
+            let last = Self.middle(end) - elapsed
+            // Left waiting past the last time recorded: only stops were seen there.
+            if let rest = Self.tailMean(histogram, end: end) { return mean + waiting * (last + rest) }
             guard waiting <= 0.5 else { return nil }
-            return mean + waiting * (last - elapsed)
+            return mean + waiting * last
         }
         return microseconds.map { .microseconds($0) }
+    }
+
+    /// The mean time past bucket `end` (the last recorded) of a request still
+    /// waiting there, in microseconds, as a constant hazard at the rate heads
+    /// came in the octave up to `end`; `nil` with fewer than ``tailHeads`` there.
+    private static func tailMean(_ histogram: Histogram, end: Int) -> Double? {
+        let start = max(end - 3, 0)
+        var heads = 0
+        var exposure = 0.0
+        // Requests at risk past the octave: they spent all of it waiting.
+        var later = 0
+        for bucket in stride(from: end, through: start, by: -1) {
+            let ended = histogram.heads[bucket] + histogram.stops[bucket]
+            heads += histogram.heads[bucket]
+            exposure += (Double(later) + Double(ended) / 2) * width(bucket)
+            later += ended
+        }
+        guard heads >= tailHeads, exposure > 0 else { return nil }
+        return exposure / Double(heads)
     }
 }
 

@@ -181,6 +181,22 @@ struct HedgingTests {
         for _ in 0..<60 { cut.recordStopped(after: .milliseconds(12)) }
         #expect(cut.expectedWait(after: .milliseconds(10)) == nil, "only stops past 10 ms")
         #expect(cut.expectedWait(after: .zero) == nil, "mostly unknown: not taken for a fast backend")
+        // An exponential backend (mean 20 ms) whose requests are cut at 12 ms:
+        // heads come until the cut at the rate that goes on past it, so the
+        // rest is extrapolated at that rate, about the mean again, not 0.
+        let exponential = ResponseTimes()
+        for quantile in stride(from: 0.0025, to: 1, by: 0.005) {
+            let time = -20.0 * log(1 - quantile)
+            if time < 12 {
+                exponential.record(.microseconds(Int64(time * 1000)))
+            } else {
+                exponential.recordStopped(after: .milliseconds(12))
+            }
+        }
+        let beyond = try #require(exponential.expectedWait(after: .milliseconds(10)))
+        #expect(beyond > .milliseconds(15) && beyond < .milliseconds(28), "\(beyond)")
+        let whole = try #require(exponential.expectedWait(after: .zero))
+        #expect(whole > .milliseconds(15) && whole < .milliseconds(28), "\(whole)")
         // Old times fade: after many fast answers the slow ones are forgotten.
         for _ in 0..<(8 * ResponseTimes.window) { times.record(.milliseconds(2)) }
         #expect(times.expectedWait(after: .milliseconds(10)) == nil)
