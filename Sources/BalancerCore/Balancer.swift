@@ -375,7 +375,7 @@ public actor Balancer {
         var taken: [Int] = []
         while targets.count < group.requested, let id = pool.pop() {
             taken.append(id)
-            guard pool.pending(of: id) < capacity else { break }
+            guard pool.load(of: id) < capacity else { break }
             if id != chosen { targets.append(id) }
         }
         for id in taken { pool.push(id) }
@@ -532,13 +532,13 @@ public actor Balancer {
     private func choose() -> Int? {
         switch configuration.strategy {
         case .leastLoaded, .sharedQueue:
-            guard let id = pool.min, pool.pending(of: id) < capacity else { return nil }
+            guard let id = pool.min, pool.load(of: id) < capacity else { return nil }
             return 0
         case .roundRobin:
             let n = activeIDs.count
             for step in 0..<n {
                 let id = activeIDs[(roundRobinNext + step) % n]
-                if pool.pending(of: id) < capacity {
+                if pool.load(of: id) < capacity {
                     roundRobinNext = (roundRobinNext + step + 1) % n
                     return pool[id]!.index
                 }
@@ -547,15 +547,15 @@ public actor Balancer {
         case .powerOfTwoChoices:
             let n = pool.count
             guard n > 1 else {
-                return n == 1 && pool.pending(of: pool.id(at: 0)) < capacity ? 0 : nil
+                return n == 1 && pool.load(of: pool.id(at: 0)) < capacity ? 0 : nil
             }
             let a = Int.random(in: 0..<n, using: &random)
             let b = (a + Int.random(in: 1..<n, using: &random)) % n
-            let (pa, pb) = (pool.pending(of: pool.id(at: a)), pool.pending(of: pool.id(at: b)))
+            let (pa, pb) = (pool.load(of: pool.id(at: a)), pool.load(of: pool.id(at: b)))
             let better = pa < pb || (pa == pb && pool.id(at: a) < pool.id(at: b)) ? a : b
-            if pool.pending(of: pool.id(at: better)) < capacity { return better }
+            if pool.load(of: pool.id(at: better)) < capacity { return better }
             // Both sampled workers are full; the least loaded may still have room.
-            return pool.pending(of: pool.id(at: 0)) < capacity ? 0 : nil
+            return pool.load(of: pool.id(at: 0)) < capacity ? 0 : nil
         case .peakEWMA:
             return leastCostly()
         }
@@ -565,9 +565,9 @@ public actor Balancer {
     /// `eligible` accepts: by cost under peak-EWMA, else by the heap's order.
     private func choose(among eligible: (Int) -> Bool) -> Int? {
         if configuration.strategy == .peakEWMA { return leastCostly(among: eligible) }
-        var best: (pending: Int, group: Int, lastDispatch: Int, id: Int)?
+        var best: (load: Int, group: Int, lastDispatch: Int, id: Int)?
         for id in activeIDs where eligible(id) {
-            guard let record = pool[id], record.pending < capacity else { continue }
+            guard let record = pool[id], record.pending + record.held < capacity else { continue }
             let key = (record.pending + record.held, pool.groupPending(of: id), record.lastDispatch, id)
             if let current = best, current <= key { continue }
             best = key
@@ -576,9 +576,9 @@ public actor Balancer {
     }
 
     /// Peak-EWMA's choice: the active worker with room (and accepted by
-    /// `eligible`) whose `latency x (pending + 1)` is least (ties: fewer
-    /// pending, then lower id). A worker with no sample yet is costed at the
-    /// mean of those with one.
+    /// `eligible`) whose `latency x (load + 1)` is least (ties: less load,
+    /// then lower id; load is `pending` plus held load). A worker with no
+    /// sample yet is costed at the mean of those with one.
     private func leastCostly(among eligible: (Int) -> Bool = { _ in true }) -> Int? {
         var known = 0.0
         var count = 0
@@ -591,7 +591,7 @@ public actor Balancer {
         let unknown = count > 0 ? known / Double(count) : 0
         var best: (cost: Double, pending: Int, id: Int)?
         for id in activeIDs where eligible(id) {
-            let pending = pool.pending(of: id)
+            let pending = pool.load(of: id)
             guard pending < capacity else { continue }
             let cost = (slots[id].unsafelyUnwrapped.latency ?? unknown) * Double(pending + 1)
             if let current = best, (current.cost, current.pending, current.id) <= (cost, pending, id) { continue }
@@ -630,8 +630,8 @@ public actor Balancer {
     /// worker with room, while any worker has room.
     private func placeWaiting() {
         var index = waiting.startIndex
-        // The heap's top has the least pending: when it is full, every worker is.
-        while index < waiting.endIndex, let top = pool.min, pool.pending(of: top) < capacity {
+        // The heap's top has the least load: when it is full, every worker is.
+        while index < waiting.endIndex, let top = pool.min, pool.load(of: top) < capacity {
             if let position = choose(among: waiting[index].eligible.unsafelyUnwrapped) {
                 dispatch(waiting.remove(at: index), toWorkerAt: position)
             } else {
@@ -741,6 +741,8 @@ public actor Balancer {
                 expiryDeadline = nil
             }
             let now = ContinuousClock.now
+            // (The pass after this dispatches to workers whose held load ended.)
+            releaseHolds()
             while let head = backlog.first, let deadline = head.deadline, deadline <= now {
                 backlog.removeFirst()
                 finish(head, with: .queueTimeout)
@@ -773,6 +775,7 @@ public actor Balancer {
             pool.addHeldLoad(1, to: id)
             holds.append((id, pool.group(of: id), deadline))
             firstHoldEnds = min(firstHoldEnds ?? deadline, deadline)
+            armExpiryTimer()
         }
     }
 
@@ -802,12 +805,14 @@ public actor Balancer {
     }
 
     /// Arms the timer for the earliest deadline of the backlog's head and the
-    /// waiting restricted requests, unless it is armed for one no later.
+    /// waiting restricted requests, and, while any request waits, of the held
+    /// loads (whose end may give it a worker), unless it is armed for one no later.
     private func armExpiryTimer() {
         var next = backlog.first?.deadline
         for request in waiting {
             if let deadline = request.deadline, next.map({ deadline < $0 }) ?? true { next = deadline }
         }
+        if next != nil, let holdEnds = firstHoldEnds, holdEnds < next.unsafelyUnwrapped { next = holdEnds }
         guard let deadline = next else { return }
         if expiryTimer != nil, let armed = expiryDeadline, armed <= deadline { return }
         expiryTimer?.cancel()
@@ -895,12 +900,16 @@ public actor Balancer {
     /// request on its server's count too, until the server answers (without
     /// `option abortonclose`).
     ///
-    /// Choices see it as a pending request on that worker; `pending` itself,
-    /// in stats and for capacity, does not change. If the worker leaves the
-    /// pool first, its group keeps the load until the deadline. Does nothing
-    /// for a worker not in the pool, or once the balancer has stopped. It
-    /// takes effect in the next balance pass: called by an operation before it
-    /// returns, no later than that request's completion.
+    /// Every choice sees it as a request pending on that worker, room
+    /// included: a worker of capacity 1 (an upstream connection) takes no
+    /// request until the hold ends, as it would not while the request ran.
+    /// Its `pending`, in stats, does not change. A request waiting for room
+    /// gets the worker when the hold ends (a timer wakes the balancer then).
+    /// If the worker leaves the pool first, its group keeps the load until
+    /// the deadline. Does nothing for a worker not in the pool, or once the
+    /// balancer has stopped. It takes effect in the next balance pass: called
+    /// by an operation before it returns, no later than that request's
+    /// completion.
     public nonisolated func holdLoad(on id: Int, until deadline: ContinuousClock.Instant) {
         inbox.control(.hold(worker: id, until: deadline))
     }

@@ -82,6 +82,13 @@ public struct Pool: Sendable {
         records[id]!.pending
     }
 
+    /// `pending` of worker `id` plus the load held against it: what choices
+    /// count, room included; the worker must be in the pool.
+    public func load(of id: Int) -> Int {
+        let record = records[id]!
+        return record.pending + record.held
+    }
+
     /// The sum of `pending` over worker `id`'s group plus the group's held
     /// load (its own load if it has none); the worker must be in the pool.
     public func groupPending(of id: Int) -> Int {

@@ -152,6 +152,33 @@ struct DispatchTests {
         }
     }
 
+    @Test("load held against a worker takes its room: a request waits for the hold to end, then runs there")
+    func heldLoadTakesRoomUntilItEnds() async throws {
+        let balancer = Balancer(configuration: .init(workers: 2, capacity: 1, backlog: 8))
+        let held = HeldOperations()
+        try await withRunning(balancer) { balancer in
+            try await withThrowingTaskGroup(of: Void.self) { requesters in
+                // Worker 0 holds load for a second (longer than a busy machine takes to
+                // start the next request); worker 1 runs a request until released.
+                let holdEnds = ContinuousClock.now + .seconds(1)
+                balancer.holdLoad(on: 0, until: holdEnds)
+                requesters.addTask { _ = try await balancer.submit(held.operation()) }
+                _ = await eventually(balancer) { $0.inFlight == 1 }
+                #expect(await balancer.stats().workers[1].pending == 1)
+                // No worker has room: the next request waits, and runs on worker 0 once the hold ends.
+                let receipt = try await balancer.submitWithReceipt { 0 }
+                #expect(receipt.worker == 0)
+                #expect(ContinuousClock.now >= holdEnds)
+                #expect(await balancer.stats().workers[1].pending == 1, "worker 1's request still runs")
+                held.releaseAll()
+                try await requesters.waitForAll()
+            }
+            let end = await eventually(balancer) { $0.inFlight == 0 && $0.completed == 2 }
+            #expect(end.workers.allSatisfy { $0.pending == 0 })
+            #expect(await balancer.poolIsValid())
+        }
+    }
+
     @Test("load held against a worker counts in its group, passing the group's idle workers over until the deadline")
     func heldLoadPassesAGroupOverUntilItsDeadline() async throws {
         // Two backends with two one-request connections each: workers 0, 1 and 2, 3.
