@@ -158,18 +158,18 @@ struct DispatchTests {
         let held = HeldOperations()
         try await withRunning(balancer) { balancer in
             try await withThrowingTaskGroup(of: Void.self) { requesters in
-                // Worker 0 holds load for a second (longer than a busy machine takes to
-                // start the next request); worker 1 runs a request until released.
-                let holdEnds = ContinuousClock.now + .seconds(1)
-                balancer.holdLoad(on: 0, until: holdEnds)
+                // One worker runs a request until released; the other holds load for 300 ms.
                 requesters.addTask { _ = try await balancer.submit(held.operation()) }
-                _ = await eventually(balancer) { $0.inFlight == 1 }
-                #expect(await balancer.stats().workers[1].pending == 1)
-                // No worker has room: the next request waits, and runs on worker 0 once the hold ends.
-                let receipt = try await balancer.submitWithReceipt { 0 }
-                #expect(receipt.worker == 0)
-                #expect(ContinuousClock.now >= holdEnds)
-                #expect(await balancer.stats().workers[1].pending == 1, "worker 1's request still runs")
+                let running = await eventually(balancer) { $0.inFlight == 1 }
+                let busy = try #require(running.workers.first { $0.pending == 1 }).id
+                let other = 1 - busy
+                let holdEnds = ContinuousClock.now + .milliseconds(300)
+                balancer.holdLoad(on: other, until: holdEnds)
+                // No worker has room: the next request waits, and starts on the held worker once the hold ends.
+                let receipt = try await balancer.submitWithReceipt { ContinuousClock.now }
+                #expect(receipt.worker == other)
+                #expect(receipt.value >= holdEnds, "started \(holdEnds - receipt.value) before the hold ended")
+                #expect(await balancer.stats().workers[busy].pending == 1, "the other request still runs")
                 held.releaseAll()
                 try await requesters.waitForAll()
             }
