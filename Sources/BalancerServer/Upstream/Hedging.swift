@@ -261,18 +261,22 @@ final class QuantileEstimate: Sendable {
 /// is Kaplan-Meier's, so cutting a slow backend's requests short does not
 /// make it look fast. What lies past the last time recorded (requests that
 /// were all cut) is extrapolated at the rate heads were still arriving just
-/// before it: the hazard over the last octave recorded (heads per unit of
-/// time at risk there), as a constant-hazard tail, whose mean residual is
-/// its inverse. Hedging cuts a slow backend's requests at about one delay,
-/// and without this its tail would look like nothing but that cut: a
-/// backend whose times are exponential, mean 20 ms, cut at 12 ms, is
-/// expected to take about 20 ms more, not 0. When heads had stopped coming
-/// before the cut (too few in that octave: the slow requests are slower than
-/// anything seen) and more than half of what is left past a wait lies
-/// there, the wait is unknown (`nil`): a backend whose every slow request is
-/// cut is not taken for a fast one. With less than half there, that part
-/// counts as ending at the last time recorded (a lower bound, as Efron
-/// closes the estimate).
+/// before it: the hazard over the octave up to the last head (heads per unit
+/// of time at risk there), as a constant-hazard tail, whose mean residual is
+/// its inverse, at most four times the last time recorded. Hedging cuts a
+/// slow backend's requests at about one delay, and without this its tail
+/// would look like nothing but that cut: a backend whose times are
+/// exponential, mean 20 ms, cut at 12 ms, is expected to take about 20 ms
+/// more, not 0. There is no rate to go on when heads had stopped coming
+/// before the cut (more than an octave before it, or too few in that octave:
+/// the slow requests are slower than anything seen), or came at under half
+/// the rate of the octave before (a
+/// fast mode with a stuck one beyond it); then, when more than half of what
+/// is left past a wait lies there, the wait is unknown (`nil`): a backend
+/// whose every slow request is cut is not taken for a fast one. With less
+/// than half there, that part counts as ending at the last time recorded (a
+/// lower bound, as Efron closes the estimate). A request that has waited past
+/// every record has an unknown wait.
 ///
 /// Kept as histograms in quarter-octave buckets (each about 19% wider than
 /// the one before), halved every ``window`` samples so they follow the
@@ -345,7 +349,8 @@ final class ResponseTimes: Sendable {
     }
 
     /// How much longer a request that has waited `waited` can be expected to
-    /// wait; `nil` when nothing is recorded past `waited`.
+    /// wait; `nil` when nothing is known past `waited` (nothing is recorded
+    /// past it, or only stops with no rate to extrapolate).
     func expectedWait(after waited: Duration) -> Duration? {
         let elapsed = max(waited / .microseconds(1), 0)
         var first = Self.bucket(waited)
@@ -379,22 +384,50 @@ final class ResponseTimes: Sendable {
     }
 
     /// The mean time past bucket `end` (the last recorded) of a request still
-    /// waiting there, in microseconds, as a constant hazard at the rate heads
-    /// came in the octave up to `end`; `nil` with fewer than ``tailHeads`` there.
+    /// waiting there, in microseconds, as a constant hazard: the rate heads
+    /// came in the octave up to the last head (heads per microsecond at risk,
+    /// the stops past it counted at risk until they stopped). `nil` when the
+    /// last head is more than an octave before `end`, with fewer than
+    /// ``tailHeads`` heads in that octave, or when that rate is under half
+    /// the octave before's (a falling hazard, as of a fast mode with a stuck
+    /// one beyond it: no constant rate to go on). At most four times the
+    /// last time recorded.
     private static func tailMean(_ histogram: Histogram, end: Int) -> Double? {
-        let start = max(end - 3, 0)
-        var heads = 0
-        var exposure = 0.0
-        // Requests at risk past the octave: they spent all of it waiting.
-        var later = 0
-        for bucket in stride(from: end, through: start, by: -1) {
-            let ended = histogram.heads[bucket] + histogram.stops[bucket]
-            heads += histogram.heads[bucket]
-            exposure += (Double(later) + Double(ended) / 2) * width(bucket)
-            later += ended
+        // Heads must have kept coming to within an octave of the last record.
+        guard let lastHead = (0...end).last(where: { histogram.heads[$0] > 0 }), end - lastHead <= 4 else {
+            return nil
         }
-        guard heads >= tailHeads, exposure > 0 else { return nil }
-        return exposure / Double(heads)
+        // Heads and time at risk in one octave, given the requests that ended past it.
+        func octave(_ top: Int, later: inout Int) -> (heads: Int, exposure: Double) {
+            var heads = 0
+            var exposure = 0.0
+            for bucket in stride(from: top, through: max(top - 3, 0), by: -1) {
+                let ended = histogram.heads[bucket] + histogram.stops[bucket]
+                heads += histogram.heads[bucket]
+                exposure += (Double(later) + Double(ended) / 2) * width(bucket)
+                later += ended
+            }
+            return (heads, exposure)
+        }
+        var later = 0
+        for bucket in stride(from: end, to: lastHead, by: -1) { later += histogram.heads[bucket] + histogram.stops[bucket] }
+        // The stops past the last head were at risk from it until they stopped.
+        var beyond = 0.0
+        for bucket in stride(from: end, to: lastHead, by: -1) {
+            beyond += Double(histogram.stops[bucket]) * (middle(bucket) - middle(lastHead))
+        }
+        var last = octave(lastHead, later: &later)
+        last.exposure += beyond
+        guard last.heads >= tailHeads, last.exposure > 0 else { return nil }
+        if lastHead >= 4 {
+            let before = octave(lastHead - 4, later: &later)
+            if before.heads >= tailHeads, before.exposure > 0,
+                Double(last.heads) / last.exposure < Double(before.heads) / before.exposure / 2
+            {
+                return nil
+            }
+        }
+        return min(last.exposure / Double(last.heads), 4 * middle(end))
     }
 }
 

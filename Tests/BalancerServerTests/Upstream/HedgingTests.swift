@@ -197,6 +197,14 @@ struct HedgingTests {
         #expect(beyond > .milliseconds(15) && beyond < .milliseconds(28), "\(beyond)")
         let whole = try #require(exponential.expectedWait(after: .zero))
         #expect(whole > .milliseconds(15) && whole < .milliseconds(28), "\(whole)")
+        #expect(exponential.expectedWait(after: .milliseconds(15)) == nil, "past every record")
+        // A fast mode, a trickle of heads after it, and a stuck mode cut at 12 ms:
+        // the rate had fallen, so it says nothing of the stuck requests.
+        let stuck = ResponseTimes()
+        for _ in 0..<100 { stuck.record(.milliseconds(3)) }
+        for _ in 0..<8 { stuck.record(.milliseconds(7)) }
+        for _ in 0..<100 { stuck.recordStopped(after: .milliseconds(12)) }
+        #expect(stuck.expectedWait(after: .milliseconds(5)) == nil, "only stops past 5 ms, and no rate to go on")
         // Old times fade: after many fast answers the slow ones are forgotten.
         for _ in 0..<(8 * ResponseTimes.window) { times.record(.milliseconds(2)) }
         #expect(times.expectedWait(after: .milliseconds(10)) == nil)
