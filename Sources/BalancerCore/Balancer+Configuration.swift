@@ -1,7 +1,9 @@
 /// How a ``Balancer`` chooses the worker for a request. Every strategy goes
 /// through the same `dispatch` and `completed`; only the choice differs.
 public enum Strategy: String, Sendable, CaseIterable, Codable {
-    /// The talk's balancer: the least-pending worker, from the top of the heap.
+    /// The talk's balancer: the least-pending worker, from the top of the heap
+    /// (counting load held against a worker as pending: ``Balancer/holdLoad(on:until:)``;
+    /// so do the others).
     case leastLoaded = "least-loaded"
     /// The original program's `if false` comparison branch: each worker in turn
     /// (skipping those at capacity).
@@ -13,7 +15,7 @@ public enum Strategy: String, Sendable, CaseIterable, Codable {
     /// from one shared queue. It is least-loaded with a capacity of 1, so every
     /// request beyond one per worker waits in the backlog.
     case sharedQueue = "shared-queue"
-    /// Latency-aware: the worker with the least `pending + 1` times a
+    /// Latency-aware: the worker with the least `load + 1` (pending, plus held) times a
     /// peak-sensitive moving average of its latency (Finagle's and Linkerd's
     /// PeakEWMA), so a slowing worker gets less work before its queue shows it.
     /// An exact minimum over the active workers rather than two random choices:

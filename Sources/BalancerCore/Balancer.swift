@@ -68,9 +68,10 @@ public actor Balancer {
     /// and timers, so the balance loop and its workers are scheduled alike.
     private var priority: TaskPriority?
     /// Load held against workers (``holdLoad(on:until:)``), each until its
-    /// deadline; given back by the first dispatch after it (see
-    /// ``releaseHolds()``), so it needs no timer. `worker` is `nil` once the
-    /// worker left the pool: its group (if any) keeps the load.
+    /// deadline; given back by the first pass after it (see
+    /// ``releaseHolds()``), which the expiry timer makes sure comes while a
+    /// request waits. `worker` is `nil` once the worker left the pool: its
+    /// group (if any) keeps the load.
     private var holds: [(worker: Int?, group: Int?, until: ContinuousClock.Instant)] = []
     /// The earliest deadline in `holds`: before it, nothing is scanned.
     private var firstHoldEnds: ContinuousClock.Instant?
@@ -105,8 +106,8 @@ public actor Balancer {
     /// - Parameter groups: for each worker, by id, the group it belongs to (a
     ///   small non-negative number), or `nil` for none: workers that share one
     ///   resource, such as the connections of one upstream backend. Among
-    ///   workers with equal `pending`, the least-loaded strategy prefers the
-    ///   group with the fewest pending (see ``Pool``).
+    ///   workers with equal load (`pending`, plus any held load), the
+    ///   least-loaded strategy prefers the group with the fewest pending (see ``Pool``).
     /// - Precondition: `configuration.problems` is empty, and `groups`, if
     ///   given, has one entry per worker.
     public init(configuration: Configuration = .init(), groups: [Int]? = nil) {
@@ -302,10 +303,17 @@ public actor Balancer {
     }
 
     /// One pass of the talk's `select`: completions first (they free room), then
-    /// control, cancellations, the backlog, and new work last (FIFO).
+    /// control, cancellations, the backlog, and new work last (FIFO). Held
+    /// loads go before the completions: an operation holds load before it
+    /// returns, and its worker, if draining, may leave the pool at its
+    /// completion; its group then keeps the load.
     private func handle(_ events: Inbox.Events) {
+        for event in events.control { if case .hold = event { control(event) } }
         for done in events.done { completed(done) }
-        for event in events.control { control(event) }
+        for event in events.control {
+            if case .hold = event { continue }
+            control(event)
+        }
         for request in events.cancelled { cancel(request) }
         drainBacklog()
         for request in events.work { admit(request) }
@@ -589,13 +597,13 @@ public actor Balancer {
             }
         }
         let unknown = count > 0 ? known / Double(count) : 0
-        var best: (cost: Double, pending: Int, id: Int)?
+        var best: (cost: Double, load: Int, id: Int)?
         for id in activeIDs where eligible(id) {
-            let pending = pool.load(of: id)
-            guard pending < capacity else { continue }
-            let cost = (slots[id].unsafelyUnwrapped.latency ?? unknown) * Double(pending + 1)
-            if let current = best, (current.cost, current.pending, current.id) <= (cost, pending, id) { continue }
-            best = (cost, pending, id)
+            let load = pool.load(of: id)
+            guard load < capacity else { continue }
+            let cost = (slots[id].unsafelyUnwrapped.latency ?? unknown) * Double(load + 1)
+            if let current = best, (current.cost, current.load, current.id) <= (cost, load, id) { continue }
+            best = (cost, load, id)
         }
         return best.flatMap { pool[$0.id]?.index }
     }
@@ -741,7 +749,7 @@ public actor Balancer {
                 expiryDeadline = nil
             }
             let now = ContinuousClock.now
-            // (The pass after this dispatches to workers whose held load ended.)
+            // (This pass's drainBacklog then dispatches to workers whose held load ended.)
             releaseHolds()
             while let head = backlog.first, let deadline = head.deadline, deadline <= now {
                 backlog.removeFirst()
@@ -1039,6 +1047,7 @@ public actor Balancer {
                 id: slot.worker.id,
                 state: slot.state,
                 pending: pool.pending(of: slot.worker.id),
+                held: pool[slot.worker.id]?.held ?? 0,
                 pendingMax: slot.pendingMax,
                 completed: slot.completed,
                 failed: slot.failed,

@@ -27,6 +27,9 @@ public struct BalancerStats: Sendable, Equatable {
         public var state: WorkerState
         /// Requests queued on this worker or running on it.
         public var pending: Int
+        /// Load held against this worker (``Balancer/holdLoad(on:until:)``):
+        /// every choice counts it as pending, but it is not in `pending`.
+        public var held: Int = 0
         /// The highest `pending` this worker has had.
         public var pendingMax: Int
         /// Requests whose operation returned a value on this worker (of a

@@ -67,7 +67,7 @@ public struct Pool: Sendable {
     public var count: Int { heap.count }
     /// Whether no worker is in the heap.
     public var isEmpty: Bool { heap.isEmpty }
-    /// The id at the top of the heap: a worker with the least `pending`.
+    /// The id at the top of the heap: a worker with the least load.
     public var min: Int? { heap.first }
     /// The id of the worker at heap position `i`.
     public func id(at i: Int) -> Int { heap[i] }
@@ -175,7 +175,7 @@ public struct Pool: Sendable {
     }
 
     /// Records a dispatch to worker `id`, which must be out of the heap: among
-    /// workers with equal `pending` it now comes last.
+    /// workers with equal load it now comes last.
     public mutating func markDispatched(_ id: Int) {
         precondition(records[id]?.index == nil, "mark a worker while it is out of the heap")
         dispatches += 1
@@ -211,7 +211,7 @@ public struct Pool: Sendable {
         return id
     }
 
-    /// Restores heap order after the `pending` of the worker at position `i`
+    /// Restores heap order after the load of the worker at position `i`
     /// changed (Go's `heap.Fix`): the talk's remove-then-push in one step.
     public mutating func fix(at i: Int) {
         if !siftDown(i) { siftUp(i) }

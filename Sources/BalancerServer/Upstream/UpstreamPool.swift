@@ -718,6 +718,7 @@ public final class UpstreamPool: Service, Sendable {
                 ("url", .string(entry.backend.url)),
                 ("state", .string(shown)),
                 ("pending", JSONValue(core.pending)),
+                ("held", JSONValue(core.held)),
                 ("requests", JSONValue(figures.responses + figures.errorCount)),
                 (
                     "responses",
