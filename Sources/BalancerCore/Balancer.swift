@@ -925,7 +925,9 @@ public actor Balancer {
     /// Gives back the held loads whose deadline has passed. Called first by
     /// ``drainBacklog()``, which every path that chooses a worker runs before
     /// choosing (a balance pass admits new work only after it), so no choice
-    /// sees a load that has ended.
+    /// sees a load that has ended; also by ``stats()``, which must not show
+    /// one, and by the expiry timer's event. A request waiting for the room
+    /// a hold gave back gets it in the next pass, which that timer ensures.
     private func releaseHolds() {
         guard let first = firstHoldEnds else { return }
         let now = ContinuousClock.now
@@ -1038,8 +1040,10 @@ public actor Balancer {
 
     // MARK: - Stats
 
-    /// A snapshot of every worker and the pool.
+    /// A snapshot of every worker and the pool. Held loads that have ended
+    /// are given back first, so `held` never shows one.
     public func stats() -> BalancerStats {
+        releaseHolds()
         let refused = inbox.refusedWhileClosed.load(ordering: .relaxed)
         let workers = slots.compactMap { slot -> BalancerStats.Worker? in
             guard let slot else { return nil }

@@ -190,6 +190,7 @@ struct DispatchTests {
             let deadline = ContinuousClock.now + .milliseconds(100)
             balancer.holdLoad(on: 1, until: deadline)
             try await Task.sleep(until: deadline + .milliseconds(20), clock: .continuous)
+            #expect(await balancer.stats().workers[1].held == 0, "an ended hold is gone from stats before any dispatch")
             #expect(try await balancer.submitWithReceipt { 0 }.worker == 0)
             _ = await eventually(balancer) { $0.completed == 1 }
             // While one lasts (a minute: longer than any busy machine takes here), the
