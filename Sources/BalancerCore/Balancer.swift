@@ -162,7 +162,7 @@ public actor Balancer {
         _ operation: @escaping @Sendable (_ worker: Int) async throws -> Output
     ) async throws -> Receipt<Output> {
         let request = Request(.onWorker(operation), timed: true)
-        return try await publish(request, cancellation: cancellation) { request.reply = $0 }
+        return try await publish(request, cancellation: cancellation) { request.reply = .continuation($0) }
     }
 
     /// ``submitOnWorker(_:)`` restricted to the workers `eligible` accepts,
@@ -195,6 +195,27 @@ public actor Balancer {
         try await send(Request(.onWorker(operation), timed: true, eligible: eligible, patience: patience))
     }
 
+    /// ``submitOnWorker(ifRoomAmong:waitingAtMost:_:)`` for a requester that
+    /// does not wait: it returns at once, and `onEnd` gets the receipt or the
+    /// error, exactly once, on whichever task ends the request (the worker's,
+    /// or the balancer's own for a request it ends itself: `busy`,
+    /// `cancelled`, `shuttingDown`; possibly before this returns). Keep
+    /// `onEnd` short and non-blocking, and take no lock in it that the caller
+    /// holds here. `cancellation` withdraws the request, or cancels its
+    /// operation once running. For a hedged request's timer, which starts a
+    /// copy without a task of its own for it.
+    public nonisolated func submitOnWorker<Output: Sendable>(
+        ifRoomAmong eligible: @escaping @Sendable (_ worker: Int) -> Bool,
+        waitingAtMost patience: Duration? = nil,
+        cancellation: Cancellation,
+        _ operation: @escaping @Sendable (_ worker: Int) async throws -> Output,
+        onEnd: @escaping @Sendable (Result<Receipt<Output>, any Error>) -> Void
+    ) {
+        let request = Request(.onWorker(operation), timed: true, eligible: eligible, patience: patience)
+        request.reply = .callback(onEnd)
+        enqueue(request, cancellation: cancellation)
+    }
+
     /// Runs `operation` on `replicas` distinct workers at once, the talk's
     /// replicated query: the first copy to return a value answers, and the
     /// receipt names its worker; the other copies are cancelled (a queued copy
@@ -223,7 +244,7 @@ public actor Balancer {
     }
 
     private nonisolated func send<Output: Sendable>(_ request: Request<Output>) async throws -> Receipt<Output> {
-        try await publish(request) { request.reply = $0 }
+        try await publish(request) { request.reply = .continuation($0) }
     }
 
     /// Submits `request` on `work` after handing its reply continuation to
@@ -237,17 +258,22 @@ public actor Balancer {
         return try await withTaskCancellationHandler {
             try await withUnsafeThrowingContinuation { continuation in
                 setReply(continuation)
-                // Cancelled before it was submitted: the cancellation goes first, as a
-                // task's does, so the balance loop sees it no later than the request.
-                if let cancellation, !cancellation.attach(request, to: inbox) {
-                    inbox.cancel(request)
-                }
-                if !inbox.submit(request) {
-                    request.fail(.shuttingDown)
-                }
+                enqueue(request, cancellation: cancellation)
             }
         } onCancel: {
             inbox.cancel(request)
+        }
+    }
+
+    /// Hands `request`, its reply set, to the balance loop.
+    private nonisolated func enqueue(_ request: AnyRequest, cancellation: Cancellation?) {
+        // Cancelled before it was submitted: the cancellation goes first, as a
+        // task's does, so the balance loop sees it no later than the request.
+        if let cancellation, !cancellation.attach(request, to: inbox) {
+            inbox.cancel(request)
+        }
+        if !inbox.submit(request) {
+            request.fail(.shuttingDown)
         }
     }
 

@@ -95,7 +95,8 @@ class AnyRequest: @unchecked Sendable {
 
 /// The talk's `Request`: the operation and its own reply channel.
 ///
-/// The reply is a continuation resumed at most once, guarded by `claim()`. It
+/// The reply (a continuation, or a callback for a requester that does not
+/// wait) is given at most once, guarded by `claim()`. It
 /// tolerates a requester who has gone away: once the requester is cancelled it
 /// has already been answered, and the worker's later result is dropped rather
 /// than blocking or leaking.
@@ -106,9 +107,18 @@ final class Request<Output: Sendable>: AnyRequest, @unchecked Sendable {
         case onWorker(@Sendable (Int) async throws -> Output)
     }
 
+    /// Where the answer goes.
+    enum Reply {
+        /// The requester awaits it.
+        case continuation(UnsafeContinuation<Receipt<Output>, any Error>)
+        /// Called with it, on whichever task answers (a worker's, or the
+        /// balancer's for a request it ends itself).
+        case callback(@Sendable (Result<Receipt<Output>, any Error>) -> Void)
+    }
+
     let operation: Operation
     /// Set once by `submit` before the request is published to the balancer.
-    var reply: UnsafeContinuation<Receipt<Output>, any Error>?
+    var reply: Reply?
 
     init(
         _ operation: Operation, timed: Bool, eligible: (@Sendable (Int) -> Bool)? = nil, patience: Duration? = nil
@@ -131,11 +141,11 @@ final class Request<Output: Sendable>: AnyRequest, @unchecked Sendable {
                 receipt.queued = started - submittedAt
                 receipt.ran = ContinuousClock.now - started
             }
-            reply.unsafelyUnwrapped.resume(returning: receipt)
+            answer(.success(receipt))
             return .value
         } catch {
             guard claim() else { return .dropped }
-            reply.unsafelyUnwrapped.resume(throwing: error)
+            answer(.failure(error))
             return .error
         }
     }
@@ -143,7 +153,15 @@ final class Request<Output: Sendable>: AnyRequest, @unchecked Sendable {
     @discardableResult
     override func fail(_ error: BalancerError) -> Bool {
         guard claim() else { return false }
-        reply.unsafelyUnwrapped.resume(throwing: error)
+        answer(.failure(error))
         return true
+    }
+
+    /// Gives the answer; only after `claim()` returned true.
+    private func answer(_ result: Result<Receipt<Output>, any Error>) {
+        switch reply.unsafelyUnwrapped {
+        case .continuation(let continuation): continuation.resume(with: result)
+        case .callback(let callback): callback(result)
+        }
     }
 }

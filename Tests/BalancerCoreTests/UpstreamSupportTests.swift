@@ -451,6 +451,61 @@ struct UpstreamSupportTests {
         }
     }
 
+    @Test("a restricted request submitted without waiting calls back once: with its receipt, busy, or cancelled")
+    func restrictedRequestCallsBack() async throws {
+        let balancer = Balancer(configuration: .init(workers: 2, capacity: 1, backlog: 4))
+        let held = HeldOperations()
+        let ends = Shared<[String]>([])
+        @Sendable func record(_ name: String) -> @Sendable (Result<Receipt<Int>, any Error>) -> Void {
+            { result in
+                let text: String
+                switch result {
+                case .success(let receipt): text = "\(name): \(receipt.value) on \(receipt.worker)"
+                case .failure(let error): text = "\(name): \((error as? BalancerError)?.code ?? "\(error)")"
+                }
+                ends.withLock { $0.append(text) }
+            }
+        }
+        @Sendable func ended(_ count: Int) async -> [String] {
+            let deadline = ContinuousClock.now + .seconds(30)
+            while ends.withLock({ $0.count }) < count && ContinuousClock.now < deadline {
+                try? await Task.sleep(for: .milliseconds(1))
+            }
+            return ends.withLock { $0 }
+        }
+        try await withRunning(balancer) { balancer in
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                // Runs on the one eligible worker and calls back with its receipt.
+                balancer.submitOnWorker(ifRoomAmong: { $0 == 1 }, cancellation: Cancellation(), { $0 * 10 }, onEnd: record("ran"))
+                #expect(await ended(1) == ["ran: 10 on 1"])
+                // (It calls back before its worker reports it done.)
+                await eventually(balancer) { $0.completed == 1 && $0.inFlight == 0 }
+                // Worker 1 busy: no room and no patience, so busy at once.
+                group.addTask { _ = try await balancer.submitOnWorker(ifRoomAmong: { $0 == 1 }) { _ in try await held.operation()() } }
+                await eventually(balancer) { $0.inFlight == 1 }
+                balancer.submitOnWorker(ifRoomAmong: { $0 == 1 }, cancellation: Cancellation(), { $0 }, onEnd: record("full"))
+                #expect(await ended(2).last == "full: busy")
+                // Waiting for room, then withdrawn; and one cancelled before it was submitted.
+                let stop = Cancellation()
+                balancer.submitOnWorker(
+                    ifRoomAmong: { $0 == 1 }, waitingAtMost: .seconds(60), cancellation: stop, { $0 }, onEnd: record("waiting"))
+                await eventually(balancer) { $0.waiting == 1 }
+                stop.cancel()
+                #expect(await ended(3).last == "waiting: cancelled")
+                let early = Cancellation()
+                early.cancel()
+                balancer.submitOnWorker(ifRoomAmong: { _ in true }, cancellation: early, { $0 }, onEnd: record("early"))
+                #expect(await ended(4).last == "early: cancelled")
+                held.releaseAll()
+                try await group.waitForAll()
+            }
+            let stats = await eventually(balancer) { $0.inFlight == 0 }
+            #expect(stats.completed == 2 && stats.busy == 1 && stats.cancelled == 2, "\(stats)")
+            #expect(ends.withLock { $0.count } == 4, "each called back once")
+            checkAccounting(stats)
+        }
+    }
+
     @Test("a Cancellation stops its request from another task: queued never runs, running sees cancellation, early never starts")
     func cancellationFromAnotherTask() async throws {
         let balancer = Balancer(configuration: .init(workers: 1, capacity: 2, backlog: 4))

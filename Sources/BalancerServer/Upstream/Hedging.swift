@@ -474,7 +474,8 @@ final class HedgeBudget: Sendable {
 /// One hedged request's copies: who won, which workers they run on, how to
 /// stop them, and when the next one is due. Shared by the request's own task
 /// (which runs the first copy and any retry itself, and decides the outcome),
-/// the other copies' tasks and the pool's ``HedgeTimer``.
+/// the other copies (run by the balancer, which reports their ends) and the
+/// pool's ``HedgeTimer``.
 final class HedgeRace: Sendable {
     /// What a copy that lost the race throws instead of sending or writing its head.
     struct Lost: Error {}
@@ -489,21 +490,17 @@ final class HedgeRace: Sendable {
     }
 
     /// How a live copy is stopped when another wins. Before it is on a
-    /// worker, through the balancer: the first copy and retries run in the
-    /// request's own task (a ``Cancellation``), the others in tasks of their
-    /// own. Once on a worker, by closing its upstream connection
-    /// (``ForwardStop``): its operation then ends as a failure, without the
-    /// cancellation that would make the balancer retire the worker's task
-    /// and start another.
+    /// worker, through the balancer (a ``Cancellation``). Once on a worker,
+    /// by closing its upstream connection (``ForwardStop``): its operation
+    /// then ends as a failure, without the cancellation that would make the
+    /// balancer retire the worker's task and start another.
     private enum Stopper {
         case cancellation(Cancellation)
-        case task(Task<Void, Never>)
         case forward(ForwardStop)
 
         func stop() {
             switch self {
             case .cancellation(let cancellation): cancellation.cancel()
-            case .task(let task): task.cancel()
             case .forward(let forward): forward.stop()
             }
         }
@@ -578,30 +575,31 @@ final class HedgeRace: Sendable {
     /// Workers of the copies that started so far.
     var workers: [Int] { state.withLock { $0.started.map(\.worker) } }
 
-    /// Registers a new copy and returns its id, or nil when it is too late
-    /// (a copy won, or the race is closed). A copy on spare capacity goes only
-    /// while another is live; `makeStopper` is called under the lock, so the
-    /// copy can be stopped before it can report its end.
-    private func launch(spare: Bool, _ makeStopper: (Int) -> Stopper) -> Int? {
+    /// Registers a new copy, stopped through `cancellation` until it is on a
+    /// worker, and returns its id, or nil when it is too late (a copy won, or
+    /// the race is closed). A copy on spare capacity goes only while another
+    /// is live. Submit it only after this returns: a stop before then reaches
+    /// it through `cancellation` as soon as it is submitted.
+    private func launch(spare: Bool, _ cancellation: Cancellation) -> Int? {
         state.withLock { state in
             guard !state.closed, state.winner == nil, !spare || state.inFlight > 0 else { return nil }
             let id = state.nextID
             state.nextID += 1
             state.inFlight += 1
             state.unstarted.append(id)
-            state.live.append((id, makeStopper(id)))
+            state.live.append((id, .cancellation(cancellation)))
             return id
         }
     }
 
     /// Registers the first copy or a retry, run by the request's own task.
     func launchInline(_ cancellation: Cancellation) -> Int? {
-        launch(spare: false) { _ in .cancellation(cancellation) }
+        launch(spare: false, cancellation)
     }
 
-    /// Registers a copy on spare capacity and starts its task with `makeTask(id)`.
-    func launchSpare(_ makeTask: (Int) -> Task<Void, Never>) -> Int? {
-        launch(spare: true) { .task(makeTask($0)) }
+    /// Registers a copy on spare capacity, whose end comes through ``report(_:)``.
+    func launchSpare(_ cancellation: Cancellation) -> Int? {
+        launch(spare: true, cancellation)
     }
 
     /// Copy `id` is on worker `worker` (of a backend with response times
@@ -713,7 +711,7 @@ final class HedgeRace: Sendable {
         }
     }
 
-    /// A copy's own task reports its end; returns whether it never started.
+    /// A copy on spare capacity reports its end; returns whether it never started.
     func report(_ end: End) -> Bool {
         let (neverStarted, waiter): (Bool, CheckedContinuation<End, Never>?) = state.withLock { state in
             let neverStarted = ended(end.id, &state)
@@ -729,7 +727,7 @@ final class HedgeRace: Sendable {
         return neverStarted
     }
 
-    /// The next end of a copy run in its own task; call only while ``inFlight`` is above 0.
+    /// The next end of a copy on spare capacity; call only while ``inFlight`` is above 0.
     func nextEnd() async -> End {
         await withCheckedContinuation { continuation in
             let ready: End? = state.withLock { state in
@@ -909,9 +907,11 @@ extension UpstreamPool {
     /// Sends `head` as `plan` says, with copies on other backends; the first
     /// response head wins. See ``HedgePolicy``.
     ///
-    /// The first copy, and any retry, runs in this task; only the copies that
-    /// are due get tasks of their own, so a request answered before `after`
-    /// costs little more than an unhedged one.
+    /// The first copy, and any retry, runs in this task; the copies that are
+    /// due are handed to the balancer without a task of their own
+    /// (``Balancer/submitOnWorker(ifRoomAmong:waitingAtMost:cancellation:_:onEnd:)``),
+    /// so a request answered before `after` costs little more than an
+    /// unhedged one.
     func hedge<Body: AsyncSequence & Sendable>(
         _ head: HTTPRequestHead,
         body: Body,
@@ -1062,26 +1062,28 @@ extension UpstreamPool {
         // It waits no longer than the request's own copy may wait for its head.
         let timeout = Duration.milliseconds(configuration.responseTimeoutMilliseconds)
         let patience = max(timeout - (ContinuousClock.now - (race.tryStart ?? .now)), .zero)
-        let launched = race.launchSpare { id in
-            let operation = copyOperation(race, id, spare: true, head, body: body, forwarding: forwarding, to: writer)
-            return Task {
-                var receipt: Receipt<ForwardResult>?
-                var failure: (any Error)?
-                do {
-                    receipt = try await self.balancer.submitOnWorker(
-                        ifRoomAmong: eligible, waitingAtMost: patience, operation)
-                } catch {
-                    failure = error
-                }
-                let end = HedgeRace.End(id: id, spare: true, receipt: receipt, error: failure)
-                if let error = failure as? BalancerError, error != .cancelled, race.winner == nil {
-                    race.restartDelay()
-                    self.hedgeStats.withLock { $0.skipped += 1 }
-                }
-                if race.report(end) { self.hedgeBudget.refund() }
-            }
+        let cancellation = Cancellation()
+        guard let id = race.launchSpare(cancellation) else {
+            hedgeBudget.refund()
+            return
         }
-        if launched == nil { hedgeBudget.refund() }
+        // No task of its own: the balancer calls back with its end (from the
+        // worker's task, or its own when it never ran).
+        let operation = copyOperation(race, id, spare: true, head, body: body, forwarding: forwarding, to: writer)
+        balancer.submitOnWorker(
+            ifRoomAmong: eligible, waitingAtMost: patience, cancellation: cancellation, operation
+        ) { result in
+            let end: HedgeRace.End
+            switch result {
+            case .success(let receipt): end = HedgeRace.End(id: id, spare: true, receipt: receipt, error: nil)
+            case .failure(let error): end = HedgeRace.End(id: id, spare: true, receipt: nil, error: error)
+            }
+            if let error = end.error as? BalancerError, error != .cancelled, race.winner == nil {
+                race.restartDelay()
+                self.hedgeStats.withLock { $0.skipped += 1 }
+            }
+            if race.report(end) { self.hedgeBudget.refund() }
+        }
     }
 
     /// A timed copy is not worth sending now: it is due again a delay later.
