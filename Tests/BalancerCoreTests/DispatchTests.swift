@@ -154,6 +154,29 @@ struct DispatchTests {
         }
     }
 
+    @Test(
+        "every strategy counts held load as room taken, and a worker keeps its hold through down and up",
+        arguments: [Strategy.leastLoaded, .roundRobin, .powerOfTwoChoices, .sharedQueue, .peakEWMA])
+    func everyStrategyCountsHeldLoad(strategy: Strategy) async throws {
+        let balancer = Balancer(configuration: .init(workers: 2, capacity: 1, backlog: 8, strategy: strategy))
+        try await withRunning(balancer) { balancer in
+            balancer.holdLoad(on: 0, until: .now + .seconds(60))
+            var ran: [Int] = []
+            for n in 1...4 {
+                ran.append(try await balancer.submitWithReceipt { 0 }.worker)
+                _ = await eventually(balancer) { $0.completed == n }
+                if n == 2 {
+                    // Down and up again: still held.
+                    #expect(await balancer.markDown(0))
+                    #expect(await balancer.markUp(0))
+                }
+            }
+            #expect(ran == [1, 1, 1, 1], "worker 0's one request of room is held")
+            #expect(await balancer.stats().workers.map(\.held) == [1, 0])
+            #expect(await balancer.poolIsValid())
+        }
+    }
+
     @Test("load held against a worker takes its room: a request waits for the hold to end, then runs there")
     func heldLoadTakesRoomUntilItEnds() async throws {
         let balancer = Balancer(configuration: .init(workers: 2, capacity: 1, backlog: 8))
