@@ -263,14 +263,21 @@ struct ServerBehaviourTests {
     @Test("an idle keep-alive connection is closed after idle_timeout_ms")
     func idleTimeout() async throws {
         try await withServer({ $0.idleTimeoutMilliseconds = 1_000 }) { server in
+            // The clock starts before the connection opens, so the idle time is
+            // all inside it however late the request goes out or the answer is read.
+            let clock = ContinuousClock()
+            let start = clock.now
             try await withRawConnection(port: server.port) { connection in
-                // The clock starts before the request, so the idle time (from the
-                // answer's end) is all inside it however late the answer is read.
-                let clock = ContinuousClock()
-                let start = clock.now
-                try await connection.send("GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-                #expect(try await connection.readResponse()?.status == 200)
-                #expect(try await connection.readUntilClosed())
+                // On a loaded machine the new connection can sit idle past the
+                // timeout before the request goes out: the server closing it then
+                // (the send fails, or no answer comes) is the idle timeout too.
+                if (try? await connection.send("GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")) != nil,
+                    let response = try? await connection.readResponse()
+                {
+                    #expect(response.status == 200)
+                }
+                // Closed by the server: the end of the stream, or a reset.
+                #expect((try? await connection.readUntilClosed()) ?? true)
                 #expect(clock.now - start >= .milliseconds(950))
             }
         }
