@@ -197,13 +197,18 @@ public actor Balancer {
 
     /// ``submitOnWorker(ifRoomAmong:waitingAtMost:_:)`` for a requester that
     /// does not wait: it returns at once, and `onEnd` gets the receipt or the
-    /// error, exactly once, on whichever task ends the request (the worker's,
-    /// or the balancer's own for a request it ends itself: `busy`,
-    /// `cancelled`, `shuttingDown`; possibly before this returns). Keep
-    /// `onEnd` short and non-blocking, and take no lock in it that the caller
-    /// holds here. `cancellation` withdraws the request, or cancels its
-    /// operation once running. For a hedged request's timer, which starts a
-    /// copy without a task of its own for it.
+    /// error, exactly once, on whichever task ends the request:
+    /// - the worker's, when the operation returns or throws, before the
+    ///   worker reports it done (its worker still counts it pending then);
+    /// - the balancer's own executor, for a request it ends itself (`busy`,
+    ///   `cancelled`, `unavailable`, `shuttingDown`): a slow `onEnd` there
+    ///   holds up every request;
+    /// - this call's, for a balancer already shutting down: before it returns.
+    ///
+    /// So keep `onEnd` short and non-blocking, and take no lock in it that the
+    /// caller holds here. `cancellation` (one per request) withdraws the
+    /// request, or cancels its operation once running. For a hedged request's
+    /// timer, which starts a copy without a task of its own for it.
     public nonisolated func submitOnWorker<Output: Sendable>(
         ifRoomAmong eligible: @escaping @Sendable (_ worker: Int) -> Bool,
         waitingAtMost patience: Duration? = nil,

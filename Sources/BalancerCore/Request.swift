@@ -117,7 +117,8 @@ final class Request<Output: Sendable>: AnyRequest, @unchecked Sendable {
     }
 
     let operation: Operation
-    /// Set once by `submit` before the request is published to the balancer.
+    /// Set once, before the request is published to the balancer (by
+    /// `publish`, or by the callback form of `submitOnWorker`).
     var reply: Reply?
 
     init(

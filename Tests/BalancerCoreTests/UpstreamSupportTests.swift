@@ -451,7 +451,7 @@ struct UpstreamSupportTests {
         }
     }
 
-    @Test("a restricted request submitted without waiting calls back once: with its receipt, busy, or cancelled")
+    @Test("a restricted request submitted without waiting calls back once: its receipt or error, busy, cancelled, or shutting down")
     func restrictedRequestCallsBack() async throws {
         let balancer = Balancer(configuration: .init(workers: 2, capacity: 1, backlog: 4))
         let held = HeldOperations()
@@ -496,12 +496,23 @@ struct UpstreamSupportTests {
                 early.cancel()
                 balancer.submitOnWorker(ifRoomAmong: { _ in true }, cancellation: early, { $0 }, onEnd: record("early"))
                 #expect(await ended(4).last == "early: cancelled")
+                // An operation that throws: its error, from the worker.
+                struct Broken: Error {}
+                balancer.submitOnWorker(
+                    ifRoomAmong: { $0 == 0 }, cancellation: Cancellation(), { _ in throw Broken() }, onEnd: record("broken"))
+                #expect(await ended(5).last == "broken: Broken()")
                 held.releaseAll()
                 try await group.waitForAll()
             }
-            let stats = await eventually(balancer) { $0.inFlight == 0 }
-            #expect(stats.completed == 2 && stats.busy == 1 && stats.cancelled == 2, "\(stats)")
-            #expect(ends.withLock { $0.count } == 4, "each called back once")
+            var stats = await eventually(balancer) { $0.inFlight == 0 }
+            #expect(stats.completed == 2 && stats.failed == 1 && stats.busy == 1 && stats.cancelled == 2, "\(stats)")
+            // Shutting down: answered before the call returns.
+            balancer.shutdown(gracePeriod: .seconds(30))
+            balancer.submitOnWorker(ifRoomAmong: { _ in true }, cancellation: Cancellation(), { $0 }, onEnd: record("late"))
+            #expect(ends.withLock { $0.last } == "late: shutting_down")
+            #expect(ends.withLock { $0.count } == 6, "each called back once")
+            stats = await balancer.stats()
+            #expect(stats.shutDown == 1, "\(stats)")
             checkAccounting(stats)
         }
     }
