@@ -273,6 +273,8 @@ struct ReplicaTests {
             try await group.waitForAll()
         }
         let stats = await balancer.stats()
+        // The forced stop does not wait for the copies to see their cancellation.
+        try await waitUntil("both copies see cancellation") { seen.count("cancelled 0") == 1 && seen.count("cancelled 1") == 1 }
         #expect(Set(seen.all) == ["started 0", "started 1", "cancelled 0", "cancelled 1"])
         #expect(stats.shutDown == 1)
         #expect(stats.submitted == 1)
