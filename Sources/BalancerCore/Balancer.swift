@@ -606,8 +606,8 @@ public actor Balancer {
         if configuration.strategy == .peakEWMA { return leastCostly(among: eligible) }
         var best: (load: Int, group: Int, lastDispatch: Int, id: Int)?
         for id in activeIDs where eligible(id) {
-            guard let record = pool[id], record.pending + record.held < capacity else { continue }
-            let key = (record.pending + record.held, pool.groupPending(of: id), record.lastDispatch, id)
+            guard let record = pool[id], record.load < capacity else { continue }
+            let key = (record.load, pool.groupPending(of: id), record.lastDispatch, id)
             if let current = best, current <= key { continue }
             best = key
         }

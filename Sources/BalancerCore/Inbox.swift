@@ -48,7 +48,7 @@ final class Inbox: Sendable {
         case retired(Worker)
         /// The worker's task has ended because its channel was closed.
         case exited(Worker)
-        /// Hold one request of load against the group of worker `worker` until the instant.
+        /// Hold one request of load against worker `worker` (and its group) until the instant.
         case hold(worker: Int, until: ContinuousClock.Instant)
     }
 

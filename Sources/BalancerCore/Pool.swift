@@ -44,8 +44,10 @@ public struct Pool: Sendable {
         /// The worker's group, or -1 for none.
         public internal(set) var group = -1
         /// Load held against this worker that is not `pending`
-        /// (``addHeldLoad(_:to:)``): its place in the heap counts `pending + held`.
+        /// (``addHeldLoad(_:to:)``).
         public internal(set) var held = 0
+        /// What its place in the heap, and every choice, counts: `pending + held`.
+        public var load: Int { pending + held }
     }
 
     /// Records by worker id; `nil` for ids not (or no longer) in the pool.
@@ -85,8 +87,7 @@ public struct Pool: Sendable {
     /// `pending` of worker `id` plus the load held against it: what choices
     /// count, room included; the worker must be in the pool.
     public func load(of id: Int) -> Int {
-        let record = records[id]!
-        return record.pending + record.held
+        records[id]!.load
     }
 
     /// The sum of `pending` over worker `id`'s group plus the group's held
@@ -97,7 +98,7 @@ public struct Pool: Sendable {
 
     @inline(__always)
     private func groupPending(_ record: Record) -> Int {
-        record.group < 0 ? record.pending + record.held : groups[record.group].pending
+        record.group < 0 ? record.load : groups[record.group].pending
     }
 
     /// Registers worker `id` with `pending` 0, outside the heap, as a member
@@ -269,8 +270,7 @@ public struct Pool: Sendable {
         let y = heap[b]
         let rx = records[x].unsafelyUnwrapped
         let ry = records[y].unsafelyUnwrapped
-        let (lx, ly) = (rx.pending + rx.held, ry.pending + ry.held)
-        if lx != ly { return lx < ly }
+        if rx.load != ry.load { return rx.load < ry.load }
         if rx.group != ry.group {
             let (gx, gy) = (groupPending(rx), groupPending(ry))
             if gx != gy { return gx < gy }
