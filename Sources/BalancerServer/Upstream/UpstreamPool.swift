@@ -138,6 +138,9 @@ public final class UpstreamPool: Service, Sendable {
 
         func index(of backend: String) -> Int? { backends.firstIndex { $0.backend.name == backend } }
 
+        /// The index of worker `id`'s backend.
+        func index(ofWorker id: Int) -> Int? { workers[id].flatMap { index(of: $0.backend) } }
+
         /// Takes the next ``BackendEntry/number``.
         mutating func takeNumber() -> Int {
             defer { nextNumber += 1 }
@@ -330,7 +333,7 @@ public final class UpstreamPool: Service, Sendable {
         // was most of the cost of starting a copy), and the estimates are
         // worked out after the lock.
         let (candidates, workerCount) = state.withLock { state -> ([(ResponseTimes, [Int])], Int) in
-            let takenBackends = taken.compactMap { worker in state.workers[worker].flatMap { state.index(of: $0.backend) } }
+            let takenBackends = taken.compactMap { state.index(ofWorker: $0) }
             let now = ContinuousClock.now
             let candidates = state.backends.indices.filter { index in
                 !takenBackends.contains(index) && state.backends[index].inRotation(now: now)
@@ -350,7 +353,7 @@ public final class UpstreamPool: Service, Sendable {
     /// The response times of worker `id`'s backend.
     func responseTimes(ofWorker id: Int) -> ResponseTimes? {
         state.withLock { state in
-            state.workers[id].flatMap { state.index(of: $0.backend) }.map { state.backends[$0].responseTimes }
+            state.index(ofWorker: id).map { state.backends[$0].responseTimes }
         }
     }
 
