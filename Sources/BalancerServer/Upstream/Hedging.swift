@@ -48,8 +48,8 @@ import Synchronization
 /// a queued one is withdrawn without running, a running one has its upstream
 /// connection closed (never reused mid-response, ``ForwardStop``), and each
 /// worker's `pending` falls once, when its operation ends. A loser cut off
-/// before its head leaves its backend's load held for the rest it can be
-/// expected to take (``Balancer/holdLoad(on:until:)``).
+/// before its head leaves load held on its worker for the rest its backend
+/// can be expected to take (``Balancer/holdLoad(on:until:)``).
 public struct HedgePolicy: Sendable, Hashable {
     /// Start another copy after this long without a response head; `nil`: never.
     public var after: Duration?
@@ -270,10 +270,10 @@ final class QuantileEstimate: Sendable {
 /// more, not 0. There is no rate to go on when heads had stopped coming
 /// before the cut (more than an octave before it, or too few in that octave:
 /// the slow requests are slower than anything seen), or came at under half
-/// the rate of the octave before (a
-/// fast mode with a stuck one beyond it); then, when more than half of what
-/// is left past a wait lies there, the wait is unknown (`nil`): a backend
-/// whose every slow request is cut is not taken for a fast one. With less
+/// the rate of the octave before (a fast mode with a stuck one beyond it);
+/// then, when more than half of what is left past a wait lies there, the
+/// wait is unknown (`nil`): a backend whose every slow request is cut is not
+/// taken for a fast one. With less
 /// than half there, that part counts as ending at the last time recorded (a
 /// lower bound, as Efron closes the estimate). A request that has waited past
 /// every record has an unknown wait.
@@ -328,7 +328,7 @@ final class ResponseTimes: Sendable {
     /// A bucket's width, in microseconds.
     private static func width(_ bucket: Int) -> Double { Double(UInt64(1) << (bucket / 4 + 2)) / 4 }
 
-    /// Heads in the last octave recorded needed to extrapolate past it.
+    /// Heads needed in the octave up to the last head to extrapolate past it.
     static let tailHeads = 8
 
     /// A response head arrived `time` after its request was sent.
@@ -409,11 +409,12 @@ final class ResponseTimes: Sendable {
             }
             return (heads, exposure)
         }
+        // The requests that ended past the last head; its stops were at risk
+        // from the last head until they stopped.
         var later = 0
-        for bucket in stride(from: end, to: lastHead, by: -1) { later += histogram.heads[bucket] + histogram.stops[bucket] }
-        // The stops past the last head were at risk from it until they stopped.
         var beyond = 0.0
         for bucket in stride(from: end, to: lastHead, by: -1) {
+            later += histogram.heads[bucket] + histogram.stops[bucket]
             beyond += Double(histogram.stops[bucket]) * (middle(bucket) - middle(lastHead))
         }
         var last = octave(lastHead, later: &later)
@@ -759,9 +760,6 @@ final class HedgeRace: Sendable {
     }
 }
 
-/// The client as one copy sees it: the response head goes through only for
-/// the copy that wins the race; a later one throws, which closes its upstream
-/// connection (the forwarder treats it as a client that went away).
 /// A client writer that only stands between the response head and `client`:
 /// the body, the end and flushes go straight through.
 protocol HeadInterceptingWriter: ClientResponseWriting {
@@ -777,6 +775,9 @@ extension HeadInterceptingWriter {
     func flush() async throws { try await client.flush() }
 }
 
+/// The client as one copy sees it: the response head goes through only for
+/// the copy that wins the race; a later one throws, which closes its upstream
+/// connection (the forwarder treats it as a client that went away).
 struct HedgeCopyWriter<Client: ClientResponseWriting>: HeadInterceptingWriter {
     let race: HedgeRace
     let id: Int
@@ -1094,8 +1095,8 @@ extension UpstreamPool {
 
     /// What copy `id` runs on its worker: forward, unless another copy won
     /// first. Its head, or its stop when another wins, is a sample of its
-    /// backend's response times; at a stop, its backend's load is held for
-    /// the rest of the time it can be expected to take
+    /// backend's response times; at a stop, load is held on its worker for
+    /// the rest of the time its backend can be expected to take
     /// (``Balancer/holdLoad(on:until:)``).
     private func copyOperation<Body: AsyncSequence & Sendable>(
         _ race: HedgeRace,
