@@ -3,6 +3,18 @@ import Testing
 
 @testable import BalancerCore
 
+/// Submits `count` requests one at a time, each answered at once and waited
+/// for until `balancer` counts it completed (it had `completedBefore`), and
+/// returns the workers that ran them.
+func workersOneAtATime(_ balancer: Balancer, _ count: Int, completedBefore: Int = 0) async throws -> [Int] {
+    var ran: [Int] = []
+    for n in 1...count {
+        ran.append(try await balancer.submitWithReceipt { 0 }.worker)
+        _ = await eventually(balancer) { $0.completed == completedBefore + n }
+    }
+    return ran
+}
+
 /// Operations that hold their worker until the test releases them, one by one.
 final class HeldOperations: Sendable {
     private let running = Locked<[Gate]>([])
@@ -118,12 +130,7 @@ struct DispatchTests {
                 _ = await eventually(balancer) { $0.inFlight == 1 }
                 #expect(await balancer.stats().workers[0].pending == 1)
                 // Worker 1 is idle, but its backend has a request in flight: the others' backend takes them all.
-                var ran: [Int] = []
-                for n in 1...4 {
-                    let receipt = try await balancer.submitWithReceipt { 0 }
-                    ran.append(receipt.worker)
-                    _ = await eventually(balancer) { $0.completed == n }
-                }
+                let ran = try await workersOneAtATime(balancer, 4)
                 #expect(ran == [2, 3, 2, 3])
                 held.releaseAll()
                 try await requesters.waitForAll()
@@ -139,11 +146,7 @@ struct DispatchTests {
         let balancer = Balancer(configuration: .init(workers: 2, capacity: 4, backlog: 8))
         try await withRunning(balancer) { balancer in
             balancer.holdLoad(on: 0, until: .now + .seconds(60))
-            var ran: [Int] = []
-            for n in 1...3 {
-                ran.append(try await balancer.submitWithReceipt { 0 }.worker)
-                _ = await eventually(balancer) { $0.completed == n }
-            }
+            let ran = try await workersOneAtATime(balancer, 3)
             #expect(ran == [1, 1, 1], "worker 0 counts as one request busier")
             let stats = await balancer.stats()
             #expect(stats.workers.allSatisfy { $0.pending == 0 }, "no worker's pending changed")
@@ -161,17 +164,13 @@ struct DispatchTests {
         let balancer = Balancer(configuration: .init(workers: 2, capacity: 1, backlog: 8, strategy: strategy))
         try await withRunning(balancer) { balancer in
             balancer.holdLoad(on: 0, until: .now + .seconds(60))
-            var ran: [Int] = []
-            for n in 1...4 {
-                ran.append(try await balancer.submitWithReceipt { 0 }.worker)
-                _ = await eventually(balancer) { $0.completed == n }
-                if n == 2 {
-                    // Down and up again: still held.
-                    #expect(await balancer.markDown(0))
-                    #expect(await balancer.markUp(0))
-                }
-            }
-            #expect(ran == [1, 1, 1, 1], "worker 0's one request of room is held")
+            let before = try await workersOneAtATime(balancer, 2)
+            #expect(before == [1, 1], "worker 0's one request of room is held")
+            // Down and up again: still held.
+            #expect(await balancer.markDown(0))
+            #expect(await balancer.markUp(0))
+            let after = try await workersOneAtATime(balancer, 2, completedBefore: 2)
+            #expect(after == [1, 1])
             #expect(await balancer.stats().workers.map(\.held) == [1, 0])
             #expect(await balancer.poolIsValid())
         }
@@ -219,11 +218,7 @@ struct DispatchTests {
             // While one lasts (a minute: longer than any busy machine takes here), the
             // held group's idle workers are passed over.
             balancer.holdLoad(on: 1, until: .now + .seconds(60))
-            var ran: [Int] = []
-            for n in 2...5 {
-                ran.append(try await balancer.submitWithReceipt { 0 }.worker)
-                _ = await eventually(balancer) { $0.completed == n }
-            }
+            let ran = try await workersOneAtATime(balancer, 4, completedBefore: 1)
             #expect(ran == [2, 3, 2, 3], "group 0 holds a request no worker has in flight")
             #expect(await balancer.stats().workers.allSatisfy { $0.pending == 0 }, "no worker's pending changed")
             // The group's workers leave while it holds load: nothing breaks, the others serve.
