@@ -165,6 +165,22 @@ public actor Balancer {
         return try await publish(request, cancellation: cancellation) { request.reply = .continuation($0) }
     }
 
+    /// ``submitOnWorker(cancellation:_:)`` for a requester that does not
+    /// wait: it returns at once, and `onEnd` gets the receipt or the error,
+    /// exactly once, as
+    /// ``submitOnWorker(ifRoomAmong:waitingAtMost:cancellation:_:onEnd:)``
+    /// describes. For a hedged request's first copy, which may run on after
+    /// the request was answered by another.
+    public nonisolated func submitOnWorker<Output: Sendable>(
+        cancellation: Cancellation,
+        _ operation: @escaping @Sendable (_ worker: Int) async throws -> Output,
+        onEnd: @escaping @Sendable (Result<Receipt<Output>, any Error>) -> Void
+    ) {
+        let request = Request(.onWorker(operation), timed: true)
+        request.reply = .callback(onEnd)
+        enqueue(request, cancellation: cancellation)
+    }
+
     /// ``submitOnWorker(_:)`` restricted to the workers `eligible` accepts,
     /// and only on spare capacity: the request goes to the least-loaded
     /// eligible active worker with room (by `(pending, its group's pending,

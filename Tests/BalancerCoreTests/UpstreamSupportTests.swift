@@ -517,6 +517,44 @@ struct UpstreamSupportTests {
         }
     }
 
+    @Test("a plain request submitted without waiting queues in the backlog and calls back once: its receipt, or cancelled")
+    func plainRequestCallsBack() async throws {
+        let balancer = Balancer(configuration: .init(workers: 1, capacity: 1, backlog: 4))
+        let held = HeldOperations()
+        let ends = Shared<[String]>([])
+        @Sendable func record(_ name: String) -> @Sendable (Result<Receipt<Int>, any Error>) -> Void {
+            { result in
+                let text: String
+                switch result {
+                case .success(let receipt): text = "\(name): \(receipt.value) on \(receipt.worker)"
+                case .failure(let error): text = "\(name): \((error as? BalancerError)?.code ?? "\(error)")"
+                }
+                ends.withLock { $0.append(text) }
+            }
+        }
+        try await withRunning(balancer) { balancer in
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                // The only worker is busy: both wait in the backlog, unlike a restricted request.
+                group.addTask { _ = try await balancer.submit { try await held.operation()() } }
+                await eventually(balancer) { $0.inFlight == 1 }
+                balancer.submitOnWorker(cancellation: Cancellation(), { $0 + 7 }, onEnd: record("queued"))
+                let stop = Cancellation()
+                balancer.submitOnWorker(cancellation: stop, { $0 }, onEnd: record("withdrawn"))
+                var stats = await eventually(balancer) { $0.backlogDepth == 2 }
+                #expect(stats.workers.map(\.pending) == [1])
+                stop.cancel()
+                await eventually(balancer) { $0.backlogDepth == 1 }
+                #expect(ends.withLock { $0 } == ["withdrawn: cancelled"])
+                held.releaseAll()
+                try await group.waitForAll()
+                stats = await eventually(balancer) { $0.inFlight == 0 }
+                #expect(ends.withLock { $0 } == ["withdrawn: cancelled", "queued: 7 on 0"], "each called back once")
+                #expect(stats.completed == 2 && stats.cancelled == 1, "\(stats)")
+                checkAccounting(stats)
+            }
+        }
+    }
+
     @Test("a Cancellation stops its request from another task: queued never runs, running sees cancellation, early never starts")
     func cancellationFromAnotherTask() async throws {
         let balancer = Balancer(configuration: .init(workers: 1, capacity: 2, backlog: 4))
