@@ -61,6 +61,8 @@ struct Serve: AsyncParsableCommand {
     var upstreamHedgeBudgetPercent: String?
     @Option(help: "Hedge after this percentile of the pool's recent response times (at least --upstream-hedge-after-ms); 0 = off. [default: 0]")
     var upstreamHedgeAfterPercentile: String?
+    @Option(help: "Let a losing hedge copy finish for up to this long (its response thrown away, its connection kept), ms; 0 = close its connection at once. [default: 0]")
+    var upstreamHedgeLoserFinishMs: String?
     @Option(help: "Most copies X-Balancer-Replicas may ask for; 1 forbids the header. [default: 2]")
     var upstreamMaxReplicas: String?
     @Flag(inversion: .prefixedNo, help: "Latency histograms in /stats and GET /metrics. [default: on]") var metrics: Bool?
@@ -85,6 +87,7 @@ struct Serve: AsyncParsableCommand {
             ("upstream_hedge_after_ms", upstreamHedgeAfterMs), ("upstream_hedge_max", upstreamHedgeMax),
             ("upstream_hedge_budget_percent", upstreamHedgeBudgetPercent),
             ("upstream_hedge_after_percentile", upstreamHedgeAfterPercentile),
+            ("upstream_hedge_loser_finish_ms", upstreamHedgeLoserFinishMs),
             ("upstream_max_replicas", upstreamMaxReplicas),
             ("metrics", metrics.map { String($0) }), ("access_log", accessLog.map { String($0) }),
             ("pools", pools), ("admin_port", adminPort),

@@ -115,6 +115,7 @@ extension ServerConfiguration {
         .int("upstream_hedge_max", "most copies of one hedged request, the first included", \.upstreamHedgeMax, range: HedgePolicy.copiesRange),
         .int("upstream_hedge_budget_percent", "hedge copies per 100 requests that could be hedged, at most", \.upstreamHedgeBudgetPercent, range: HedgePolicy.budgetRange),
         .int("upstream_hedge_after_percentile", "hedge after this percentile of the pool's recent response times (at least upstream_hedge_after_ms); 0 = off", \.upstreamHedgeAfterPercentile, range: HedgePolicy.percentileRange),
+        .int64("upstream_hedge_loser_finish_ms", "let a losing copy finish for up to this long, its response thrown away, and keep its connection, ms; 0 = close it at once", \.upstreamHedgeLoserFinishMilliseconds, range: HedgePolicy.afterRange),
         .int("upstream_max_replicas", "most copies X-Balancer-Replicas may ask for (capped above); 1 forbids the header", \.upstreamMaxReplicas, range: HedgePolicy.copiesRange),
         .bool("metrics", "latency histograms in /stats and GET /metrics (off: not recorded)", \.metrics),
         .bool("access_log", "one JSON line per answered request on stdout", \.accessLog),

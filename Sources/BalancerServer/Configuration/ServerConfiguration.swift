@@ -73,6 +73,10 @@ public struct ServerConfiguration: Sendable, Equatable {
     /// Hedging: when above 0, the delay is this percentile of the pool's
     /// recent response times, at least `upstreamHedgeAfterMilliseconds`.
     public var upstreamHedgeAfterPercentile = 0
+    /// Hedging: a losing copy's response is read and thrown away for up to
+    /// this long, and its connection kept; 0: the loser's connection is
+    /// closed at once (and replaced).
+    public var upstreamHedgeLoserFinishMilliseconds: Int64 = 0
     /// Most copies a client may ask for with `X-Balancer-Replicas` (more are
     /// capped to this); 1 forbids the header (400).
     public var upstreamMaxReplicas = 2

@@ -50,6 +50,15 @@ import Synchronization
 /// worker's `pending` falls once, when its operation ends. A loser cut off
 /// before its head leaves load held on its worker for the rest its backend
 /// can be expected to take (``Balancer/holdLoad(on:until:)``).
+///
+/// With `loserFinish`, a running loser is not cut off at once: it may finish
+/// within that time, its response thrown away (at most
+/// ``loserFinishBytes`` of body), and then keeps its connection; its worker
+/// counts it pending until then, so no load is held. Past either limit it is
+/// closed as above. The client never waits for it. HTTP/1.1 cancels a
+/// request only by closing its connection, and each copy's loser then costs
+/// both ends a new connection; on a machine the backends share, that is most
+/// of what hedging costs (README, Hedging).
 public struct HedgePolicy: Sendable, Hashable {
     /// Start another copy after this long without a response head; `nil`: never.
     public var after: Duration?
@@ -62,14 +71,30 @@ public struct HedgePolicy: Sendable, Hashable {
     /// When above 0, the delay is this percentile of the pool's recent
     /// response times, at least `after` (which may then be `nil`).
     public var afterPercentile: Int
+    /// How long a losing copy may go on to finish, its response thrown away,
+    /// so that its connection is kept (``ForwardStop``); `nil`: its
+    /// connection is closed at once and replaced.
+    public var loserFinish: Duration?
 
-    public init(after: Duration?, maxCopies: Int, maxReplicas: Int, budgetPercent: Int = 10, afterPercentile: Int = 0) {
+    public init(
+        after: Duration?,
+        maxCopies: Int,
+        maxReplicas: Int,
+        budgetPercent: Int = 10,
+        afterPercentile: Int = 0,
+        loserFinish: Duration? = nil
+    ) {
         self.after = after
         self.maxCopies = maxCopies
         self.maxReplicas = maxReplicas
         self.budgetPercent = budgetPercent
         self.afterPercentile = afterPercentile
+        self.loserFinish = loserFinish
     }
+
+    /// The most response body bytes a losing copy may send while it
+    /// finishes (``loserFinish``); past them its connection is closed.
+    static let loserFinishBytes = 64 * 1024
 
     /// Whether requests get timed copies.
     var timed: Bool { after != nil || afterPercentile > 0 }
@@ -125,7 +150,8 @@ extension HedgePolicy {
 
     /// The fields of a pool's `hedge` object in the config file: `after_ms`
     /// (0: no timed copies unless `after_percentile`), `max`, `max_replicas`,
-    /// `budget_percent`, `after_percentile` (0: off). A field left out has its
+    /// `budget_percent`, `after_percentile` (0: off), `loser_finish_ms` (0:
+    /// a loser's connection is closed at once). A field left out has its
     /// top-level key's default.
     static let keys: [ObjectKey<HedgePolicy>] = [
         .custom(
@@ -140,6 +166,14 @@ extension HedgePolicy {
         .int("max_replicas", \.maxReplicas, range: copiesRange),
         .int("budget_percent", \.budgetPercent, range: budgetRange),
         .int("after_percentile", \.afterPercentile, range: percentileRange),
+        .custom(
+            "loser_finish_ms",
+            set: { (policy, json, path) throws(ConfigurationError) in
+                let milliseconds = try json.configInt64(path, range: afterRange)
+                policy.loserFinish = milliseconds > 0 ? .milliseconds(milliseconds) : nil
+            },
+            get: { JSONValue($0.loserFinish?.milliseconds ?? 0) }
+        ),
     ]
 }
 
@@ -151,7 +185,9 @@ extension ServerConfiguration {
             maxCopies: upstreamHedgeMax,
             maxReplicas: upstreamMaxReplicas,
             budgetPercent: upstreamHedgeBudgetPercent,
-            afterPercentile: upstreamHedgeAfterPercentile
+            afterPercentile: upstreamHedgeAfterPercentile,
+            loserFinish: upstreamHedgeLoserFinishMilliseconds > 0
+                ? .milliseconds(upstreamHedgeLoserFinishMilliseconds) : nil
         )
     }
 }
@@ -185,6 +221,9 @@ struct HedgeStats: Sendable, Equatable {
     var declined = 0
     /// Copies due that the budget did not allow.
     var overBudget = 0
+    /// Losers that finished their response (thrown away) and kept their
+    /// connection (``HedgePolicy/loserFinish``).
+    var losersFinished = 0
 
     init(copies: Int) { winsByCopy = Array(repeating: 0, count: copies) }
 
@@ -202,6 +241,7 @@ struct HedgeStats: Sendable, Equatable {
                 ("skipped", JSONValue(skipped)),
                 ("declined", JSONValue(declined)),
                 ("over_budget", JSONValue(overBudget)),
+                ("losers_finished", JSONValue(losersFinished)),
             ])
         )
     }
@@ -593,7 +633,7 @@ final class HedgeRace: Sendable {
         }
     }
 
-    /// Registers the first copy or a retry, run by the request's own task.
+    /// Registers the first copy or a retry, whose end comes through ``report(_:)``.
     func launchInline(_ cancellation: Cancellation) -> Int? {
         launch(spare: false, cancellation)
     }
@@ -704,15 +744,7 @@ final class HedgeRace: Sendable {
         return state.unstarted.count < count
     }
 
-    /// The request's task took the end of a copy it ran itself.
-    func tookInline(_ id: Int) {
-        state.withLock { state in
-            _ = ended(id, &state)
-            state.inFlight -= 1
-        }
-    }
-
-    /// A copy on spare capacity reports its end; returns whether it never started.
+    /// A copy reports its end; returns whether it never started.
     func report(_ end: End) -> Bool {
         let (neverStarted, waiter): (Bool, CheckedContinuation<End, Never>?) = state.withLock { state in
             let neverStarted = ended(end.id, &state)
@@ -728,7 +760,7 @@ final class HedgeRace: Sendable {
         return neverStarted
     }
 
-    /// The next end of a copy on spare capacity; call only while ``inFlight`` is above 0.
+    /// The next end of a copy; call only while ``inFlight`` is above 0.
     func nextEnd() async -> End {
         await withCheckedContinuation { continuation in
             let ready: End? = state.withLock { state in
@@ -776,20 +808,61 @@ extension HeadInterceptingWriter {
 }
 
 /// The client as one copy sees it: the response head goes through only for
-/// the copy that wins the race; a later one throws, which closes its upstream
-/// connection (the forwarder treats it as a client that went away).
+/// the copy that wins the race. A later one throws, which closes its upstream
+/// connection (the forwarder treats it as a client that went away), unless
+/// it may finish (`discard`): then its response is thrown away, up to
+/// ``HedgePolicy/loserFinishBytes`` of body, so its connection is kept.
 struct HedgeCopyWriter<Client: ClientResponseWriting>: HeadInterceptingWriter {
     let race: HedgeRace
     let id: Int
     let client: Client
     let timing: CopyTiming?
+    let discard: LoserDiscard?
 
     var headWritten: Bool { race.winner == id && client.headWritten }
 
     func writeHead(_ head: HTTPResponseHead) async throws {
         timing?.headArrived()
-        guard race.claim(id) else { throw HedgeRace.Lost() }
+        guard race.claim(id) else {
+            guard let discard else { throw HedgeRace.Lost() }
+            discard.begin()
+            return
+        }
         try await client.writeHead(head)
+    }
+
+    func writeBody(_ buffer: ByteBuffer) async throws {
+        if let discard, discard.active {
+            guard discard.take(buffer.readableBytes) else { throw HedgeRace.Lost() }
+            return
+        }
+        try await client.writeBody(buffer)
+    }
+
+    func end(trailers: HTTPHeaders?) async throws {
+        if let discard, discard.active { return }
+        try await client.end(trailers: trailers)
+    }
+
+    func flush() async throws {
+        if let discard, discard.active { return }
+        try await client.flush()
+    }
+}
+
+/// A losing copy's response as it is thrown away while the copy finishes.
+final class LoserDiscard: Sendable {
+    private let discarding = Atomic<Bool>(false)
+    private let bytes = Atomic<Int>(0)
+
+    /// The copy lost with its response head: what follows is thrown away.
+    func begin() { discarding.store(true, ordering: .relaxed) }
+
+    var active: Bool { discarding.load(ordering: .relaxed) }
+
+    /// Throws away `count` more body bytes; false past ``HedgePolicy/loserFinishBytes``.
+    func take(_ count: Int) -> Bool {
+        bytes.add(count, ordering: .relaxed).newValue <= HedgePolicy.loserFinishBytes
     }
 }
 
@@ -908,11 +981,12 @@ extension UpstreamPool {
     /// Sends `head` as `plan` says, with copies on other backends; the first
     /// response head wins. See ``HedgePolicy``.
     ///
-    /// The first copy, and any retry, runs in this task; the copies that are
-    /// due are handed to the balancer without a task of their own
-    /// (``Balancer/submitOnWorker(ifRoomAmong:waitingAtMost:cancellation:_:onEnd:)``),
-    /// so a request answered before `after` costs little more than an
-    /// unhedged one.
+    /// Every copy is handed to the balancer without a task of its own (the
+    /// first and any retry as an unhedged request goes, the ones due on spare
+    /// capacity with
+    /// ``Balancer/submitOnWorker(ifRoomAmong:waitingAtMost:cancellation:_:onEnd:)``),
+    /// and this task waits for their ends; so a request answered before
+    /// `after` costs little more than an unhedged one.
     func hedge<Body: AsyncSequence & Sendable>(
         _ head: HTTPRequestHead,
         body: Body,
@@ -990,7 +1064,12 @@ extension UpstreamPool {
         }
     }
 
-    /// Runs the first copy, or a retry, in this task, on any worker.
+    /// Starts the first copy, or a retry, on any worker (as an unhedged
+    /// request goes), and returns the next end of any copy of the request.
+    /// The copy has no task of its own and reports its end through the race
+    /// like the others, so the request's task never waits for it once
+    /// another copy has answered: a loser that finishes
+    /// (``HedgePolicy/loserFinish``) runs on without holding up the client.
     private func runInline<Body: AsyncSequence & Sendable>(
         _ race: HedgeRace,
         _ head: HTTPRequestHead,
@@ -1002,17 +1081,14 @@ extension UpstreamPool {
         guard let id = race.launchInline(cancellation) else {
             return HedgeRace.End(id: -1, spare: false, receipt: nil, error: BalancerError.cancelled)
         }
-        var receipt: Receipt<ForwardResult>?
-        var failure: (any Error)?
-        do {
-            receipt = try await balancer.submitOnWorker(
-                cancellation: cancellation,
-                copyOperation(race, id, spare: false, head, body: body, forwarding: forwarding, to: writer))
-        } catch {
-            failure = error
+        let operation = copyOperation(race, id, spare: false, head, body: body, forwarding: forwarding, to: writer)
+        balancer.submitOnWorker(cancellation: cancellation, operation) { result in
+            switch result {
+            case .success(let receipt): _ = race.report(HedgeRace.End(id: id, spare: false, receipt: receipt, error: nil))
+            case .failure(let error): _ = race.report(HedgeRace.End(id: id, spare: false, receipt: nil, error: error))
+            }
         }
-        race.tookInline(id)
-        return HedgeRace.End(id: id, spare: false, receipt: receipt, error: failure)
+        return await race.nextEnd()
     }
 
     /// Starts one more copy of `race`'s request on spare capacity: on the
@@ -1107,14 +1183,18 @@ extension UpstreamPool {
         forwarding: ForwardedFor,
         to writer: some ClientResponseWriting
     ) -> @Sendable (Int) async throws -> ForwardResult where Body.Element == ByteBuffer {
-        { worker in
+        let finish = hedging.loserFinish
+        return { worker in
             let times = self.responseTimes(ofWorker: worker)
-            let stop = ForwardStop()
+            let stop = ForwardStop(finishWithin: finish)
             guard race.started(id, worker: worker, times: times, spare: spare, stop: stop) else { throw HedgeRace.Lost() }
             let timing = times.map { CopyTiming($0) }
-            let copy = HedgeCopyWriter(race: race, id: id, client: writer, timing: timing)
+            let copy = HedgeCopyWriter(
+                race: race, id: id, client: writer, timing: timing, discard: finish == nil ? nil : LoserDiscard())
             do {
-                return try await self.forward(on: worker, head, body: body, forwarding: forwarding, to: copy, stop: stop)
+                let result = try await self.forward(on: worker, head, body: body, forwarding: forwarding, to: copy, stop: stop)
+                if let winner = race.winner, winner != id { self.hedgeStats.withLock { $0.losersFinished += 1 } }
+                return result
             } catch let error as UpstreamError where error.kind == .clientAborted {
                 // Cut off by another copy's win after it went out: its backend still works on it.
                 if let winner = race.winner, winner != id, stop.reachedConnection, let rest = timing?.stopped() {

@@ -150,6 +150,7 @@ public final class UpstreamConnection: @unchecked Sendable {
         } onCancel: {
             channel.close(promise: nil)
         }
+        stop?.exchangeEnded()
         switch outcome {
         case .success(var result):
             result.reusedConnection = reused
@@ -571,22 +572,51 @@ extension UpstreamConnection {
 /// the forward sends nothing) and the forward throws
 /// ``UpstreamError/Kind/clientAborted``, which does not count against the
 /// backend. A hedged request's losers are stopped this way.
+///
+/// With `finishWithin`, a stop that finds the request sent lets the exchange
+/// go on instead, for at most that long: its response is the writer's to
+/// throw away (a hedge's ``HedgeCopyWriter`` does, up to
+/// ``HedgePolicy/loserFinishBytes``), and a response that ends in time
+/// leaves the connection kept alive, never reused mid-response. At the
+/// deadline the connection is closed as at once. HTTP/1.1 has no way to
+/// cancel one request but closing its connection; letting it finish saves
+/// both ends a new connection, and most backends go on working on a request
+/// whose connection closed anyway.
 public final class ForwardStop: Sendable {
     private struct State {
         var channel: (any Channel)?
         var stopped = false
+        /// The forward's exchange ended: a deadline must not close the connection now.
+        var over = false
+        var deadline: Scheduled<Void>?
     }
 
     private let state = Mutex(State())
+    private let finishWithin: Duration?
 
-    public init() {}
+    public init(finishWithin: Duration? = nil) {
+        self.finishWithin = finishWithin
+    }
 
-    /// Stops the forward: now, or as soon as it has its connection.
+    /// Stops the forward: now, or as soon as it has its connection; with
+    /// `finishWithin`, once that has passed unless its exchange ended first.
     public func stop() {
+        let finishWithin = finishWithin
         let channel: (any Channel)? = state.withLock { state in
+            guard !state.stopped else { return nil }
             state.stopped = true
-            return state.channel
+            guard let channel = state.channel, !state.over else { return nil }
+            guard let finishWithin else { return channel }
+            state.deadline = channel.eventLoop.scheduleTask(in: .nanoseconds(finishWithin.nanoseconds)) {
+                self.finishTimedOut()
+            }
+            return nil
         }
+        channel?.close(promise: nil)
+    }
+
+    private func finishTimedOut() {
+        let channel = state.withLock { state in state.over ? nil : state.channel }
         channel?.close(promise: nil)
     }
 
@@ -602,6 +632,17 @@ public final class ForwardStop: Sendable {
             state.channel = channel
             return true
         }
+    }
+
+    /// The forward's exchange is over, and its connection kept or closed:
+    /// a finishing deadline no longer applies.
+    func exchangeEnded() {
+        let deadline = state.withLock { state in
+            state.over = true
+            defer { state.deadline = nil }
+            return state.deadline
+        }
+        deadline?.cancel()
     }
 
     func error(backend: String) -> UpstreamError {

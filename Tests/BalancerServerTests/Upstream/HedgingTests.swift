@@ -22,6 +22,7 @@ private struct HedgeFigures: Equatable, CustomStringConvertible {
     var waiting = 0
     var pending: [Int] = []
     var retries: [Int] = []
+    var losersFinished = 0
 
     static func read(_ server: TestServer) async throws -> HedgeFigures {
         let stats = try await request(server.url("/stats"))
@@ -39,13 +40,15 @@ private struct HedgeFigures: Equatable, CustomStringConvertible {
             declined: hedging["declined"] as? Int ?? -1,
             waiting: hedging["waiting_copies"] as? Int ?? -1,
             pending: workers.map { $0["pending"] as? Int ?? -1 },
-            retries: backends.map { $0["retries"] as? Int ?? -1 }
+            retries: backends.map { $0["retries"] as? Int ?? -1 },
+            losersFinished: hedging["losers_finished"] as? Int ?? -1
         )
     }
 
     var description: String {
         "hedged \(hedged) copies \(copies) wins \(wins) losers \(losers) skipped \(skipped) over budget \(overBudget) "
-            + "declined \(declined) waiting \(waiting) pending \(pending) retries \(retries)"
+            + "declined \(declined) waiting \(waiting) pending \(pending) retries \(retries) "
+            + "losers finished \(losersFinished)"
     }
 }
 
@@ -123,6 +126,79 @@ struct HedgingTests {
                 try await eventually(timeout: .seconds(20)) { slow.disconnectsWhileDelayed == 1 },
                 "the loser's connection was closed")
             #expect(slow.requestsReceived == 1 && fast.requestsReceived == 1, "one request each, no retry")
+        }
+    }
+
+    @Test("with loser_finish_ms the loser finishes, its response thrown away, and keeps its connection; the client does not wait for it")
+    func loserFinishesAndKeepsItsConnection() async throws {
+        let slow = try await UpstreamTestBackend.start(responseDelay: .seconds(3))
+        let fast = try await UpstreamTestBackend.start()
+        defer { Task { await slow.stop(); await fast.stop() } }
+        try await withProxy([slow.port, fast.port], {
+            $0.connectionsPerUpstream = 1
+            $0.upstreamHedgeAfterMilliseconds = 300
+            $0.upstreamHedgeLoserFinishMilliseconds = 20_000
+        }) { server, _ in
+            // The first request goes to worker 0, the slow backend's. On one
+            // keep-alive connection: its next request is answered while the
+            // loser still runs (the server does not wait for it).
+            try await withRawConnection(port: server.port) { client in
+                try await client.send("GET /delayed HTTP/1.1\r\nHost: x\r\n\r\n")
+                let answer = try #require(try await client.readResponse())
+                #expect(answer.status == 200)
+                #expect(answer.body == "port \(fast.port)", "the copy on the fast backend answered")
+                try await client.send("GET /?code=204 HTTP/1.1\r\nHost: x\r\n\r\n")
+                let next = try #require(try await client.readResponse())
+                #expect(next.status == 204)
+            }
+            let early = try await HedgeFigures.read(server)
+            #expect(early.pending.reduce(0, +) == 1, "answered while the loser still runs: \(early)")
+            #expect(early.losersFinished == 0, "\(early)")
+
+            let figures = try await settled(server)
+            #expect(figures.hedged == 1 && figures.copies == 1 && figures.losers == 1, "\(figures)")
+            #expect(figures.wins == [0, 1], "\(figures)")
+            #expect(figures.losersFinished == 1, "the loser finished: \(figures)")
+            #expect(slow.disconnectsWhileDelayed == 0, "the loser's connection was not closed")
+            #expect(slow.connectionsAccepted == 1 && slow.openConnections == 1, "and it is kept for the next request")
+            #expect(slow.requestsReceived + fast.requestsReceived == 3, "no copy of the second request")
+        }
+    }
+
+    @Test("a finishing loser is closed when loser_finish_ms passes first, or when its body passes 64 KiB")
+    func finishingLoserIsClosedAtItsLimits() async throws {
+        // No head within loser_finish_ms: closed then, not at the win.
+        let stuck = try await UpstreamTestBackend.start(responseDelay: .seconds(30))
+        let fast = try await UpstreamTestBackend.start()
+        defer { Task { await stuck.stop(); await fast.stop() } }
+        try await withProxy([stuck.port, fast.port], {
+            $0.upstreamHedgeAfterMilliseconds = 300
+            $0.upstreamHedgeLoserFinishMilliseconds = 2_000
+        }) { server, _ in
+            let answer = try await request(server.url("/delayed"))
+            #expect(answer.text == "port \(fast.port)")
+            #expect(stuck.disconnectsWhileDelayed == 0, "still given its time")
+            #expect(
+                try await eventually(timeout: .seconds(20)) { stuck.disconnectsWhileDelayed == 1 },
+                "closed at the deadline")
+            let figures = try await settled(server)
+            #expect(figures.losers == 1 && figures.losersFinished == 0, "\(figures)")
+        }
+
+        // A head in time, but a body past 64 KiB: closed as it comes.
+        let large = try await UpstreamTestBackend.start(responseDelay: .seconds(1))
+        defer { Task { await large.stop() } }
+        try await withProxy([large.port, fast.port], {
+            $0.upstreamHedgeAfterMilliseconds = 300
+            $0.upstreamHedgeLoserFinishMilliseconds = 20_000
+        }) { server, _ in
+            let answer = try await request(server.url("/delayed?n=200000"))
+            #expect(answer.status == 200)
+            #expect(answer.body.count == 200_000, "the winner's whole body")
+            let figures = try await settled(server)
+            #expect(figures.losers == 1 && figures.losersFinished == 0, "\(figures)")
+            #expect(try await eventually(timeout: .seconds(20)) { large.openConnections == 0 }, "the loser's connection closed")
+            #expect(large.disconnectsWhileDelayed == 0, "after its head, not before")
         }
     }
 
@@ -587,6 +663,25 @@ struct HedgingTests {
             #expect(delay >= 35_000 && delay <= 1_000_000, "delay \(delay) µs")
             let figures = try await settled(server)
             #expect(figures.pending.allSatisfy { $0 == 0 }, "\(figures)")
+        }
+    }
+
+    @Test("loser_finish_ms loads from the top-level key and a pool's hedge object; 0 closes losers at once")
+    func loserFinishSettingsLoad() throws {
+        let loaded = try ServerConfiguration.load(
+            environment: ["BALANCER_UPSTREAM_HEDGE_LOSER_FINISH_MS": "500"],
+            file: ("pools.json", ByteBuffer(string: """
+                {"pools": [{"name": "jobs", "kind": "jobs"},
+                  {"name": "api", "route": "/api/", "backends": [{"url": "http://127.0.0.1:9001"}], "hedge": {"loser_finish_ms": 0}},
+                  {"name": "web", "backends": [{"url": "http://127.0.0.1:9002"}]}]}
+                """)))
+        #expect(loaded.upstreamHedgeLoserFinishMilliseconds == 500)
+        #expect(loaded.effectivePools.compactMap(\.hedging).map(\.loserFinish) == [nil, .milliseconds(500)])
+        #expect(ServerConfiguration().upstreamHedging.loserFinish == nil, "closed at once by default")
+        #expect {
+            _ = try ServerConfiguration.load(environment: ["BALANCER_UPSTREAM_HEDGE_LOSER_FINISH_MS": "-1"])
+        } throws: { error in
+            "\(error)".contains("out of range")
         }
     }
 

@@ -404,7 +404,9 @@ final class UpstreamTestBackend: Sendable {
                 delayedDisconnects.add(1, ordering: .relaxed)
                 return false
             }
-            let text = "port \(port)"
+            // `?n=N`: N bytes of body instead of the port.
+            let text = query["n"].flatMap { Int($0) }.map { String(repeating: "d", count: $0) } ?? "port \(port)"
+            headers.add(name: "x-backend-port", value: String(port))
             headers.add(name: "content-length", value: String(text.utf8.count))
             try await outbound.write(contentsOf: [
                 .head(HTTPResponseHead(version: .http1_1, status: .ok, headers: headers)),
