@@ -456,16 +456,7 @@ struct UpstreamSupportTests {
         let balancer = Balancer(configuration: .init(workers: 2, capacity: 1, backlog: 4))
         let held = HeldOperations()
         let ends = Shared<[String]>([])
-        @Sendable func record(_ name: String) -> @Sendable (Result<Receipt<Int>, any Error>) -> Void {
-            { result in
-                let text: String
-                switch result {
-                case .success(let receipt): text = "\(name): \(receipt.value) on \(receipt.worker)"
-                case .failure(let error): text = "\(name): \((error as? BalancerError)?.code ?? "\(error)")"
-                }
-                ends.withLock { $0.append(text) }
-            }
-        }
+        let record = { @Sendable (name: String) in recordEnd(name, into: ends) }
         @Sendable func ended(_ count: Int) async -> [String] {
             let deadline = ContinuousClock.now + .seconds(30)
             while ends.withLock({ $0.count }) < count && ContinuousClock.now < deadline {
@@ -522,16 +513,7 @@ struct UpstreamSupportTests {
         let balancer = Balancer(configuration: .init(workers: 1, capacity: 1, backlog: 4))
         let held = HeldOperations()
         let ends = Shared<[String]>([])
-        @Sendable func record(_ name: String) -> @Sendable (Result<Receipt<Int>, any Error>) -> Void {
-            { result in
-                let text: String
-                switch result {
-                case .success(let receipt): text = "\(name): \(receipt.value) on \(receipt.worker)"
-                case .failure(let error): text = "\(name): \((error as? BalancerError)?.code ?? "\(error)")"
-                }
-                ends.withLock { $0.append(text) }
-            }
-        }
+        let record = { @Sendable (name: String) in recordEnd(name, into: ends) }
         try await withRunning(balancer) { balancer in
             try await withThrowingTaskGroup(of: Void.self) { group in
                 // The only worker is busy: both wait in the backlog, unlike a restricted request.
@@ -623,5 +605,18 @@ struct UpstreamSupportTests {
             #expect(abs(decayWeight(x) - value) < value * 0.02 + 1e-4, "x = \(x)")
         }
         #expect(decayWeight(2000) == 0)
+    }
+}
+
+/// A callback for a request submitted without waiting that appends
+/// "name: value on worker", or "name: error code", to `ends`.
+private func recordEnd(_ name: String, into ends: Shared<[String]>) -> @Sendable (Result<Receipt<Int>, any Error>) -> Void {
+    { result in
+        let text: String
+        switch result {
+        case .success(let receipt): text = "\(name): \(receipt.value) on \(receipt.worker)"
+        case .failure(let error): text = "\(name): \((error as? BalancerError)?.code ?? "\(error)")"
+        }
+        ends.withLock { $0.append(text) }
     }
 }

@@ -292,6 +292,22 @@ struct ObjectKey<Value>: Sendable {
         )
     }
 
+    /// A time in whole milliseconds within `range`; 0 stands for none (`nil`).
+    static func milliseconds(
+        _ name: String,
+        _ keyPath: WritableKeyPath<Value, Duration?> & Sendable,
+        range: ClosedRange<Int64>
+    ) -> Self {
+        Self(
+            name: name,
+            set: { (value, json, path) throws(ConfigurationError) in
+                let milliseconds = try json.configInt64(path, range: range)
+                value[keyPath: keyPath] = milliseconds > 0 ? .milliseconds(milliseconds) : nil
+            },
+            get: { JSONValue($0[keyPath: keyPath]?.milliseconds ?? 0) }
+        )
+    }
+
     /// Reads a JSON object into `initial` field by field: an unknown field,
     /// a missing required one or a bad value is an error naming it.
     static func decode(

@@ -154,26 +154,12 @@ extension HedgePolicy {
     /// a loser's connection is closed at once). A field left out has its
     /// top-level key's default.
     static let keys: [ObjectKey<HedgePolicy>] = [
-        .custom(
-            "after_ms",
-            set: { (policy, json, path) throws(ConfigurationError) in
-                let milliseconds = try json.configInt64(path, range: afterRange)
-                policy.after = milliseconds > 0 ? .milliseconds(milliseconds) : nil
-            },
-            get: { JSONValue($0.after?.milliseconds ?? 0) }
-        ),
+        .milliseconds("after_ms", \.after, range: afterRange),
         .int("max", \.maxCopies, range: copiesRange),
         .int("max_replicas", \.maxReplicas, range: copiesRange),
         .int("budget_percent", \.budgetPercent, range: budgetRange),
         .int("after_percentile", \.afterPercentile, range: percentileRange),
-        .custom(
-            "loser_finish_ms",
-            set: { (policy, json, path) throws(ConfigurationError) in
-                let milliseconds = try json.configInt64(path, range: afterRange)
-                policy.loserFinish = milliseconds > 0 ? .milliseconds(milliseconds) : nil
-            },
-            get: { JSONValue($0.loserFinish?.milliseconds ?? 0) }
-        ),
+        .milliseconds("loser_finish_ms", \.loserFinish, range: afterRange),
     ]
 }
 
