@@ -500,9 +500,9 @@ final class HedgeBudget: Sendable {
 
 /// One hedged request's copies: who won, which workers they run on, how to
 /// stop them, and when the next one is due. Shared by the request's own task
-/// (which runs the first copy and any retry itself, and decides the outcome),
-/// the other copies (run by the balancer, which reports their ends) and the
-/// pool's ``HedgeTimer``.
+/// (which launches the first copy and any retry, and decides the outcome from
+/// the copies' ends), the copies (run by the balancer, which reports their
+/// ends) and the pool's ``HedgeTimer``.
 final class HedgeRace: Sendable {
     /// What a copy that lost the race throws instead of sending or writing its head.
     struct Lost: Error {}
@@ -518,17 +518,20 @@ final class HedgeRace: Sendable {
 
     /// How a live copy is stopped when another wins. Before it is on a
     /// worker, through the balancer (a ``Cancellation``). Once on a worker,
-    /// by closing its upstream connection (``ForwardStop``): its operation
-    /// then ends as a failure, without the cancellation that would make the
-    /// balancer retire the worker's task and start another.
+    /// by closing its upstream connection (``ForwardStop``), at once or, for
+    /// a loser that may finish, at its deadline: its operation then ends as
+    /// a failure (or, finished in time, a success), without the cancellation
+    /// that would make the balancer retire the worker's task and start another.
     private enum Stopper {
         case cancellation(Cancellation)
         case forward(ForwardStop)
 
-        func stop() {
+        /// `lettingFinish`: a loser of a won race, which may finish
+        /// (``HedgePolicy/loserFinish``); otherwise its connection closes now.
+        func stop(lettingFinish: Bool = false) {
             switch self {
             case .cancellation(let cancellation): cancellation.cancel()
-            case .forward(let forward): forward.stop()
+            case .forward(let forward): lettingFinish ? forward.stopLettingFinish() : forward.stop()
             }
         }
     }
@@ -555,7 +558,7 @@ final class HedgeRace: Sendable {
         var unstarted: [Int] = []
         /// Unstarted copies stopped by ``withdrawWaiting()``: they must not start.
         var withdrawn: [Int] = []
-        /// When the latest copy run by the request's task (the first, or a
+        /// When the latest copy launched by the request's task (the first, or a
         /// retry) started on its worker: its response timeout runs from then.
         var tryStart: ContinuousClock.Instant?
         /// The copies that started, in order: a copy's rank is its place here.
@@ -573,7 +576,7 @@ final class HedgeRace: Sendable {
         /// The next timed copy is due `after` past this: when the latest copy
         /// started, or a copy found no room.
         var since: ContinuousClock.Instant?
-        /// Ends of the other copies not yet taken, and the request's task waiting for one.
+        /// Ends of copies not yet taken, and the request's task waiting for one.
         var ends: [End] = []
         var waiter: CheckedContinuation<End, Never>?
     }
@@ -682,7 +685,7 @@ final class HedgeRace: Sendable {
     /// other backend could take one.
     func stopTimed() { state.withLock { $0.timedDone = true } }
 
-    /// When the latest copy run by the request's task started on its worker
+    /// When the latest copy launched by the request's task started on its worker
     /// (set before any copy on spare capacity launches).
     var tryStart: ContinuousClock.Instant? { state.withLock { $0.tryStart } }
 
@@ -718,7 +721,7 @@ final class HedgeRace: Sendable {
             return others.map(\.stopper)
         }
         guard let losers else { return false }
-        for loser in losers { loser.stop() }
+        for loser in losers { loser.stop(lettingFinish: true) }
         return true
     }
 
@@ -776,6 +779,16 @@ final class HedgeRace: Sendable {
         for copy in live { copy.stop() }
         return winner
     }
+
+    /// The client went away: no copy starts or wins from now on, and every
+    /// live one, the winner's included, is stopped at once.
+    func abandon() {
+        let live: [Stopper] = state.withLock { state in
+            state.closed = true
+            return state.live.map(\.stopper)
+        }
+        for copy in live { copy.stop() }
+    }
 }
 
 /// A client writer that only stands between the response head and `client`:
@@ -810,7 +823,8 @@ struct HedgeCopyWriter<Client: ClientResponseWriting>: HeadInterceptingWriter {
     func writeHead(_ head: HTTPResponseHead) async throws {
         timing?.headArrived()
         guard race.claim(id) else {
-            guard let discard else { throw HedgeRace.Lost() }
+            // Thrown away only when another copy won, not when the race closed without a winner.
+            guard let discard, race.winner != nil else { throw HedgeRace.Lost() }
             discard.begin()
             return
         }
@@ -1046,7 +1060,7 @@ extension UpstreamPool {
             recordHedge(race: race)
             return outcome ?? .abort
         } onCancel: {
-            race.close()
+            race.abandon()
         }
     }
 
@@ -1179,7 +1193,9 @@ extension UpstreamPool {
                 race: race, id: id, client: writer, timing: timing, discard: finish == nil ? nil : LoserDiscard())
             do {
                 let result = try await self.forward(on: worker, head, body: body, forwarding: forwarding, to: copy, stop: stop)
-                if let winner = race.winner, winner != id { self.hedgeStats.withLock { $0.losersFinished += 1 } }
+                if result.keptAlive, let winner = race.winner, winner != id {
+                    self.hedgeStats.withLock { $0.losersFinished += 1 }
+                }
                 return result
             } catch let error as UpstreamError where error.kind == .clientAborted {
                 // Cut off by another copy's win after it went out: its backend still works on it.

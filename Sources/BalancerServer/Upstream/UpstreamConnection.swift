@@ -150,11 +150,11 @@ public final class UpstreamConnection: @unchecked Sendable {
         } onCancel: {
             channel.close(promise: nil)
         }
-        stop?.exchangeEnded()
+        let mayKeep = stop?.exchangeEnded() ?? true
         switch outcome {
         case .success(var result):
             result.reusedConnection = reused
-            if result.keptAlive && channel.isActive && !Task.isCancelled {
+            if result.keptAlive && mayKeep && channel.isActive && !Task.isCancelled {
                 live = connection
             } else {
                 result.keptAlive = false
@@ -163,8 +163,8 @@ public final class UpstreamConnection: @unchecked Sendable {
             return result
         case .failure(let error):
             channel.close(promise: nil)
-            // Stopped: whatever the closed connection looked like, it was not the backend's doing.
-            if let stop, stop.isStopped, error.kind != .clientAborted { throw stop.error(backend: backend.name) }
+            // Closed by the stop: whatever that looked like, it was not the backend's doing.
+            if let stop, stop.closedConnection, error.kind != .clientAborted { throw stop.error(backend: backend.name) }
             throw error
         }
     }
@@ -573,20 +573,22 @@ extension UpstreamConnection {
 /// ``UpstreamError/Kind/clientAborted``, which does not count against the
 /// backend. A hedged request's losers are stopped this way.
 ///
-/// With `finishWithin`, a stop that finds the request sent lets the exchange
-/// go on instead, for at most that long: its response is the writer's to
-/// throw away (a hedge's ``HedgeCopyWriter`` does, up to
+/// ``stopLettingFinish()``, with `finishWithin`, lets a forward that has its
+/// connection go on instead, for at most that long: its response is the
+/// writer's to throw away (a hedge's ``HedgeCopyWriter`` does, up to
 /// ``HedgePolicy/loserFinishBytes``), and a response that ends in time
-/// leaves the connection kept alive, never reused mid-response. At the
-/// deadline the connection is closed as at once. HTTP/1.1 has no way to
-/// cancel one request but closing its connection; letting it finish saves
-/// both ends a new connection, and most backends go on working on a request
-/// whose connection closed anyway.
+/// leaves the connection kept alive (if the backend keeps it), never reused
+/// mid-response. At the deadline the connection is closed as by ``stop()``.
+/// HTTP/1.1 has no way to cancel one request but closing its connection;
+/// letting it finish saves both ends a new connection, and most backends go
+/// on working on a request whose connection closed anyway.
 public final class ForwardStop: Sendable {
     private struct State {
         var channel: (any Channel)?
         var stopped = false
-        /// The forward's exchange ended: a deadline must not close the connection now.
+        /// The stop (or its deadline) closed the connection.
+        var closed = false
+        /// The forward's exchange ended: nothing closes the connection from here now.
         var over = false
         var deadline: Scheduled<Void>?
     }
@@ -598,15 +600,23 @@ public final class ForwardStop: Sendable {
         self.finishWithin = finishWithin
     }
 
-    /// Stops the forward: now, or as soon as it has its connection; with
-    /// `finishWithin`, once that has passed unless its exchange ended first.
+    /// Stops the forward: now, or as soon as it has its connection.
     public func stop() {
-        let finishWithin = finishWithin
+        let channel: (any Channel)? = state.withLock { state in
+            state.stopped = true
+            return Self.closing(&state)
+        }
+        channel?.close(promise: nil)
+    }
+
+    /// Stops the forward, letting it finish within `finishWithin` if it has
+    /// its connection (without `finishWithin`, or before that: ``stop()``).
+    public func stopLettingFinish() {
+        guard let finishWithin else { return stop() }
         let channel: (any Channel)? = state.withLock { state in
             guard !state.stopped else { return nil }
             state.stopped = true
             guard let channel = state.channel, !state.over else { return nil }
-            guard let finishWithin else { return channel }
             state.deadline = channel.eventLoop.scheduleTask(in: .nanoseconds(finishWithin.nanoseconds)) {
                 self.finishTimedOut()
             }
@@ -616,11 +626,22 @@ public final class ForwardStop: Sendable {
     }
 
     private func finishTimedOut() {
-        let channel = state.withLock { state in state.over ? nil : state.channel }
+        let channel = state.withLock { Self.closing(&$0) }
         channel?.close(promise: nil)
     }
 
+    /// The channel to close now, if the exchange is still on; marks it closed.
+    private static func closing(_ state: inout State) -> (any Channel)? {
+        guard let channel = state.channel, !state.over, !state.closed else { return nil }
+        state.closed = true
+        return channel
+    }
+
     var isStopped: Bool { state.withLock { $0.stopped } }
+
+    /// Whether the stop closed the forward's connection: its failure is the
+    /// stop's doing, not the backend's.
+    var closedConnection: Bool { state.withLock { $0.closed } }
 
     /// Whether the forward got its connection (and so may have sent the request).
     public var reachedConnection: Bool { state.withLock { $0.channel != nil } }
@@ -634,15 +655,17 @@ public final class ForwardStop: Sendable {
         }
     }
 
-    /// The forward's exchange is over, and its connection kept or closed:
-    /// a finishing deadline no longer applies.
-    func exchangeEnded() {
-        let deadline = state.withLock { state in
+    /// The forward's exchange is over: from now on nothing here closes its
+    /// connection. Returns whether the connection may be kept (the stop has
+    /// not closed it, even if the channel has not noticed yet).
+    func exchangeEnded() -> Bool {
+        let (deadline, closed) = state.withLock { state in
             state.over = true
             defer { state.deadline = nil }
-            return state.deadline
+            return (state.deadline, state.closed)
         }
         deadline?.cancel()
+        return !closed
     }
 
     func error(backend: String) -> UpstreamError {

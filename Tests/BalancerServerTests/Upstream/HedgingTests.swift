@@ -160,8 +160,38 @@ struct HedgingTests {
             #expect(figures.wins == [0, 1], "\(figures)")
             #expect(figures.losersFinished == 1, "the loser finished: \(figures)")
             #expect(slow.disconnectsWhileDelayed == 0, "the loser's connection was not closed")
-            #expect(slow.connectionsAccepted == 1 && slow.openConnections == 1, "and it is kept for the next request")
+            #expect(slow.connectionsAccepted == 1 && slow.openConnections == 1, "and it is kept")
             #expect(slow.requestsReceived + fast.requestsReceived == 3, "no copy of the second request")
+
+            // The next request goes to the least recently used worker, the slow
+            // backend's, over the kept connection.
+            let reused = try await request(server.url("/?code=200"))
+            #expect(reused.status == 200)
+            #expect(slow.requestsReceived == 2 && slow.connectionsAccepted == 1, "sent on the loser's connection")
+        }
+    }
+
+    @Test("a client that goes away mid-body stops the copy that won at once, whether or not losers may finish", arguments: [0, 60_000] as [Int64])
+    func clientGoneStopsTheWinner(loserFinishMilliseconds: Int64) async throws {
+        let backend = try await UpstreamTestBackend.start()
+        let other = try await UpstreamTestBackend.start()
+        defer { Task { await backend.stop(); await other.stop() } }
+        try await withProxy([backend.port, other.port], {
+            $0.connectionsPerUpstream = 1
+            $0.upstreamHedgeAfterMilliseconds = 10_000
+            $0.upstreamHedgeLoserFinishMilliseconds = loserFinishMilliseconds
+        }) { server, _ in
+            // /pause sends its head and "first;", then waits (10 s at most) for
+            // more to send: the client leaves in between.
+            try await withRawConnection(port: server.port) { client in
+                try await client.send("GET /pause HTTP/1.1\r\nHost: x\r\n\r\n")
+                #expect(try await client.read(through: "first;") != nil)
+            }
+            #expect(
+                try await eventually(timeout: .seconds(5)) { backend.openConnections == 0 },
+                "the winner's upstream connection closed with the client's")
+            let figures = try await settled(server)
+            #expect(figures.pending.allSatisfy { $0 == 0 } && figures.copies == 0, "\(figures)")
         }
     }
 
