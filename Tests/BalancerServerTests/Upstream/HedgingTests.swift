@@ -195,7 +195,7 @@ struct HedgingTests {
         }
     }
 
-    @Test("a finishing loser is closed when loser_finish_ms passes first, or when its body passes 64 KiB")
+    @Test("a finishing loser is closed when loser_finish_ms passes first, or when its body passes 64 KiB; one its backend closes is not kept")
     func finishingLoserIsClosedAtItsLimits() async throws {
         // No head within loser_finish_ms: closed then, not at the win.
         let stuck = try await UpstreamTestBackend.start(responseDelay: .seconds(30))
@@ -229,6 +229,21 @@ struct HedgingTests {
             #expect(figures.losers == 1 && figures.losersFinished == 0, "\(figures)")
             #expect(try await eventually(timeout: .seconds(20)) { large.openConnections == 0 }, "the loser's connection closed")
             #expect(large.disconnectsWhileDelayed == 0, "after its head, not before")
+        }
+
+        // It finishes in time, but its backend closes the connection: not kept, not counted.
+        let closing = try await UpstreamTestBackend.start(responseDelay: .seconds(1))
+        defer { Task { await closing.stop() } }
+        try await withProxy([closing.port, fast.port], {
+            $0.upstreamHedgeAfterMilliseconds = 300
+            $0.upstreamHedgeLoserFinishMilliseconds = 20_000
+        }) { server, _ in
+            let answer = try await request(server.url("/delayed?close=1"))
+            #expect(answer.header("x-backend-port") == String(fast.port))
+            let figures = try await settled(server)
+            #expect(figures.losers == 1 && figures.losersFinished == 0, "\(figures)")
+            #expect(closing.requestsReceived == 1 && closing.disconnectsWhileDelayed == 0, "it answered")
+            #expect(try await eventually(timeout: .seconds(20)) { closing.openConnections == 0 })
         }
     }
 

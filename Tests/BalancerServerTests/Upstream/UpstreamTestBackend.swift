@@ -408,11 +408,14 @@ final class UpstreamTestBackend: Sendable {
             let text = query["n"].flatMap { Int($0) }.map { String(repeating: "d", count: $0) } ?? "port \(port)"
             headers.add(name: "x-backend-port", value: String(port))
             headers.add(name: "content-length", value: String(text.utf8.count))
+            // `?close=1`: the answer closes the connection.
+            let close = query["close"] == "1"
+            if close { headers.add(name: "connection", value: "close") }
             try await outbound.write(contentsOf: [
                 .head(HTTPResponseHead(version: .http1_1, status: .ok, headers: headers)),
                 .body(.byteBuffer(ByteBuffer(string: text))), .end(nil),
             ])
-            return true
+            return !close
         default:
             try await Self.drain(&requests)
             let code = Int(query["code"] ?? "") ?? 404
