@@ -247,6 +247,32 @@ struct HedgingTests {
         }
     }
 
+    @Test("a hedged request in flight when the server begins to drain is answered once, by its own copy; no copy starts then")
+    func hedgedRequestDuringShutdown() async throws {
+        let slow = try await UpstreamTestBackend.start(responseDelay: .seconds(1))
+        let fast = try await UpstreamTestBackend.start()
+        defer { Task { await slow.stop(); await fast.stop() } }
+        try await withProxy([slow.port, fast.port], {
+            $0.connectionsPerUpstream = 1
+            $0.upstreamHedgeAfterMilliseconds = 300
+        }) { server, _ in
+            try await withRawConnection(port: server.port) { client in
+                // The first request goes to worker 0, the slow backend's; its copy
+                // would be due after 300 ms, but the drain has begun by then.
+                try await client.send("GET /delayed HTTP/1.1\r\nHost: x\r\n\r\n")
+                #expect(try await eventually { slow.requestsReceived == 1 })
+                await server.group.triggerGracefulShutdown()
+                let response = try #require(try await client.readResponse())
+                #expect(response.status == 200)
+                #expect(response.body == "port \(slow.port)", "answered by the copy that was running")
+                #expect(response.headers["connection"] == "close")
+                #expect(try await client.readUntilClosed(), "and only once")
+            }
+            #expect(fast.requestsReceived == 0, "no copy started during the drain")
+            #expect(slow.disconnectsWhileDelayed == 0)
+        }
+    }
+
     @Test("no timed copy for a request its backend can be expected to answer within another delay")
     func copyDeclinedWhenTheBackendAnswersSoon() async throws {
         // Both backends always answer in 1 s; copies are due after 700 ms. Once
