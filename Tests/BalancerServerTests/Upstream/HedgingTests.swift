@@ -249,16 +249,16 @@ struct HedgingTests {
 
     @Test("a hedged request in flight when the server begins to drain is answered once, by its own copy; no copy starts then")
     func hedgedRequestDuringShutdown() async throws {
-        let slow = try await UpstreamTestBackend.start(responseDelay: .seconds(1))
+        let slow = try await UpstreamTestBackend.start(responseDelay: .seconds(3))
         let fast = try await UpstreamTestBackend.start()
         defer { Task { await slow.stop(); await fast.stop() } }
         try await withProxy([slow.port, fast.port], {
             $0.connectionsPerUpstream = 1
-            $0.upstreamHedgeAfterMilliseconds = 300
+            $0.upstreamHedgeAfterMilliseconds = 2_000
         }) { server, _ in
             try await withRawConnection(port: server.port) { client in
                 // The first request goes to worker 0, the slow backend's; its copy
-                // would be due after 300 ms, but the drain has begun by then.
+                // would be due after 2 s, but the drain has begun by then.
                 try await client.send("GET /delayed HTTP/1.1\r\nHost: x\r\n\r\n")
                 #expect(try await eventually { slow.requestsReceived == 1 })
                 await server.group.triggerGracefulShutdown()
