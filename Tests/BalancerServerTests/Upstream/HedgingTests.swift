@@ -216,7 +216,8 @@ struct HedgingTests {
         }
 
         // A head in time, but a body past 64 KiB: closed as it comes.
-        let large = try await UpstreamTestBackend.start(responseDelay: .seconds(1))
+        // (2 s: the copy, due after 300 ms, must win even on a loaded machine.)
+        let large = try await UpstreamTestBackend.start(responseDelay: .seconds(2))
         defer { Task { await large.stop() } }
         try await withProxy([large.port, fast.port], {
             $0.upstreamHedgeAfterMilliseconds = 300
@@ -232,7 +233,7 @@ struct HedgingTests {
         }
 
         // It finishes in time, but its backend closes the connection: not kept, not counted.
-        let closing = try await UpstreamTestBackend.start(responseDelay: .seconds(1))
+        let closing = try await UpstreamTestBackend.start(responseDelay: .seconds(2))
         defer { Task { await closing.stop() } }
         try await withProxy([closing.port, fast.port], {
             $0.upstreamHedgeAfterMilliseconds = 300
