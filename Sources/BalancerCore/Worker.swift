@@ -175,6 +175,7 @@ final class Worker: Sendable {
             }
         }
         if let now { return now }
+        defer { state.synchronize() }
         return await withUnsafeContinuation { continuation in
             let ready: Next? = state.withLock { state in
                 if let request = state.queue.popFirst() {
