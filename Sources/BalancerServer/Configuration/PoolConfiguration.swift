@@ -301,8 +301,7 @@ struct ObjectKey<Value>: Sendable {
         Self(
             name: name,
             set: { (value, json, path) throws(ConfigurationError) in
-                let milliseconds = try json.configInt64(path, range: range)
-                value[keyPath: keyPath] = milliseconds > 0 ? .milliseconds(milliseconds) : nil
+                value[keyPath: keyPath] = .milliseconds(orNone: try json.configInt64(path, range: range))
             },
             get: { JSONValue($0[keyPath: keyPath]?.milliseconds ?? 0) }
         )
@@ -341,6 +340,13 @@ struct ObjectKey<Value>: Sendable {
     /// The fields that are set, as a JSON object.
     static func encode(_ value: Value, keys: [ObjectKey<Value>]) -> JSONValue {
         .object(JSONObject(keys.compactMap { key in key.get(value).map { (key: key.name, value: $0) } }))
+    }
+}
+
+extension Duration {
+    /// A setting in milliseconds where 0 stands for none.
+    static func milliseconds(orNone milliseconds: Int64) -> Duration? {
+        milliseconds > 0 ? .milliseconds(milliseconds) : nil
     }
 }
 

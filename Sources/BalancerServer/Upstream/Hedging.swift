@@ -167,13 +167,12 @@ extension ServerConfiguration {
     /// The default pool's hedging settings.
     public var upstreamHedging: HedgePolicy {
         HedgePolicy(
-            after: upstreamHedgeAfterMilliseconds > 0 ? .milliseconds(upstreamHedgeAfterMilliseconds) : nil,
+            after: .milliseconds(orNone: upstreamHedgeAfterMilliseconds),
             maxCopies: upstreamHedgeMax,
             maxReplicas: upstreamMaxReplicas,
             budgetPercent: upstreamHedgeBudgetPercent,
             afterPercentile: upstreamHedgeAfterPercentile,
-            loserFinish: upstreamHedgeLoserFinishMilliseconds > 0
-                ? .milliseconds(upstreamHedgeLoserFinishMilliseconds) : nil
+            loserFinish: .milliseconds(orNone: upstreamHedgeLoserFinishMilliseconds)
         )
     }
 }
@@ -791,6 +790,16 @@ final class HedgeRace: Sendable {
     }
 }
 
+extension HedgeRace.End {
+    /// The end of copy `id` as the balancer reported it.
+    init(id: Int, spare: Bool, _ result: Result<Receipt<ForwardResult>, any Error>) {
+        switch result {
+        case .success(let receipt): self.init(id: id, spare: spare, receipt: receipt, error: nil)
+        case .failure(let error): self.init(id: id, spare: spare, receipt: nil, error: error)
+        }
+    }
+}
+
 /// A client writer that only stands between the response head and `client`:
 /// the body, the end and flushes go straight through.
 protocol HeadInterceptingWriter: ClientResponseWriting {
@@ -1083,10 +1092,7 @@ extension UpstreamPool {
         }
         let operation = copyOperation(race, id, spare: false, head, body: body, forwarding: forwarding, to: writer)
         balancer.submitOnWorker(cancellation: cancellation, operation) { result in
-            switch result {
-            case .success(let receipt): _ = race.report(HedgeRace.End(id: id, spare: false, receipt: receipt, error: nil))
-            case .failure(let error): _ = race.report(HedgeRace.End(id: id, spare: false, receipt: nil, error: error))
-            }
+            _ = race.report(HedgeRace.End(id: id, spare: false, result))
         }
         return await race.nextEnd()
     }
@@ -1150,11 +1156,7 @@ extension UpstreamPool {
         balancer.submitOnWorker(
             ifRoomAmong: eligible, waitingAtMost: patience, cancellation: cancellation, operation
         ) { result in
-            let end: HedgeRace.End
-            switch result {
-            case .success(let receipt): end = HedgeRace.End(id: id, spare: true, receipt: receipt, error: nil)
-            case .failure(let error): end = HedgeRace.End(id: id, spare: true, receipt: nil, error: error)
-            }
+            let end = HedgeRace.End(id: id, spare: true, result)
             if let error = end.error as? BalancerError, error != .cancelled, race.winner == nil {
                 race.restartDelay()
                 self.hedgeStats.withLock { $0.skipped += 1 }

@@ -613,16 +613,14 @@ public final class ForwardStop: Sendable {
     /// its connection (without `finishWithin`, or before that: ``stop()``).
     public func stopLettingFinish() {
         guard let finishWithin else { return stop() }
-        let channel: (any Channel)? = state.withLock { state in
-            guard !state.stopped else { return nil }
+        state.withLock { state in
+            guard !state.stopped else { return }
             state.stopped = true
-            guard let channel = state.channel, !state.over else { return nil }
+            guard let channel = state.channel, !state.over else { return }
             state.deadline = channel.eventLoop.scheduleTask(in: .nanoseconds(finishWithin.nanoseconds)) {
                 self.finishTimedOut()
             }
-            return nil
         }
-        channel?.close(promise: nil)
     }
 
     private func finishTimedOut() {
@@ -636,8 +634,6 @@ public final class ForwardStop: Sendable {
         state.closed = true
         return channel
     }
-
-    var isStopped: Bool { state.withLock { $0.stopped } }
 
     /// Whether the stop closed the forward's connection: its failure is the
     /// stop's doing, not the backend's.
